@@ -1,0 +1,493 @@
+"""Typed configuration: one frozen dataclass per ``params.yaml`` section.
+
+Every field has a docstring (the string under it), the loader rejects unknown keys, checks types,
+runs each dataclass's ``problems()`` and reports every problem of the file in one ``ConfigError``.
+A stage loads only the section(s) it reads, so ``dvc.yaml`` can list exactly those params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from geodistill.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    """Seed of the generator: the same seed gives byte-identical images and records."""
+    image_size: int = 64
+    """Side of the square scenes in pixels."""
+    grid: int = 8
+    """Cells per side; objects sit on cells. image_size/grid should equal the ViT patch size."""
+    train_images: int = 2000
+    """Training images (each yields ~8 records of all instruction types)."""
+    val_images: int = 200
+    """Validation images (same distribution; for tuning, never the test split)."""
+    test_images: int = 300
+    """Held-out test images for the four evaluation tasks."""
+    pretrain_texts: int = 2000
+    """Sentences in the text-only pretraining corpus D_PT."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.image_size % self.grid:
+            out.append(f"image_size ({self.image_size}) must be a multiple of grid ({self.grid})")
+        for name in ("train_images", "val_images", "test_images", "grid"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
+class GeoChatSourceConfig:
+    train_json: str = ""
+    """GeoChat_Instruct-style JSON list of records."""
+    image_dir: str = ""
+    """Folder the records' ``image`` paths are relative to."""
+    pretrain_jsonl: str = ""
+    """Optional text corpus for L_PT: JSONL with a ``text`` field per line (empty: none)."""
+    val_fraction: float = 0.01
+    """Share of images held out (by image, deterministic hash) as the validation split."""
+
+    def problems(self) -> list[str]:
+        return [] if 0 <= self.val_fraction < 1 else ["val_fraction must be in [0, 1)"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "geochat"] = "synthetic"
+    """Where records come from: the embedded generator, or GeoChat-format JSON + images."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad records: raise an error naming file/record/field, or skip them and count them in the report."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Generator settings (used when source = synthetic)."""
+    geochat: GeoChatSourceConfig = field(default_factory=GeoChatSourceConfig)
+    """Real input (used when source = geochat)."""
+
+    def problems(self) -> list[str]:
+        if self.source == "geochat" and not (self.geochat.train_json and self.geochat.image_dir):
+            return ["source 'geochat' needs geochat.train_json and geochat.image_dir"]
+        return []
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    maxcount: int = 512
+    """Most samples (images) per tar shard."""
+    maxsize: int = 64_000_000
+    """Most bytes per tar shard."""
+
+    def problems(self) -> list[str]:
+        return [f"{k} must be >= 1" for k in ("maxcount", "maxsize") if getattr(self, k) < 1]
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class LlavaArch:
+    """A LLaVA-1.5 architecture: CLIP ViT tower, 2-layer MLP projector, Llama-family LLM."""
+
+    hidden_size: int = 128
+    """LLM width."""
+    intermediate_size: int = 256
+    """LLM MLP width."""
+    num_layers: int = 2
+    """LLM decoder layers."""
+    num_heads: int = 4
+    """LLM attention heads."""
+    num_kv_heads: int = 4
+    """LLM key/value heads (grouped-query attention when fewer than num_heads)."""
+    vision_hidden_size: int = 64
+    """CLIP tower width."""
+    vision_intermediate_size: int = 128
+    """CLIP MLP width."""
+    vision_layers: int = 3
+    """CLIP layers (>= 3: the feature layer must be trained; DESIGN.md)."""
+    vision_heads: int = 4
+    """CLIP attention heads."""
+    image_size: int = 64
+    """Input resolution of the tower (images are resized to it)."""
+    patch_size: int = 8
+    """ViT patch size; image tokens = (image_size / patch_size)^2."""
+    projector: str = "mlp2x_gelu"
+    """Projector type (LLaVA-1.5's linear-GELU-linear)."""
+    max_position_embeddings: int = 512
+    """Longest sequence, image tokens included."""
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            out.append("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        if self.vision_hidden_size % self.vision_heads:
+            out.append("vision_hidden_size must divide by vision_heads")
+        if self.image_size % self.patch_size:
+            out.append("image_size must be a multiple of patch_size")
+        if self.projector != "mlp2x_gelu":
+            out.append(f"projector {self.projector!r} is not supported; use 'mlp2x_gelu'")
+        if self.max_position_embeddings <= self.num_image_tokens:
+            out.append("max_position_embeddings must exceed the number of image tokens")
+        return out
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    source: Literal["build", "path"] = "build"
+    """build: train a tokenizer offline on the prepared corpus; path: copy a checkpoint's tokenizer."""
+    path: str = ""
+    """Checkpoint or tokenizer folder (source = path)."""
+    vocab_size: int = 512
+    """Target vocabulary size when building (special and coordinate tokens included)."""
+
+    def problems(self) -> list[str]:
+        if self.source == "path" and not self.path:
+            return ["tokenizer.source 'path' needs tokenizer.path"]
+        return (
+            [] if self.vocab_size >= 200 else ["vocab_size must be >= 200 (coordinate tokens alone take 101)"]
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Records per step (per process)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW), linear warm-up then cosine decay."""
+    warmup: int = 20
+    """Warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    seed: int = 0
+    """Seed of initialisation-independent randomness: data order, dropout, sampling."""
+    max_len: int = 256
+    """Longest tokenised conversation; longer records are truncated (counted in the log)."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    checkpoint_every: int = 0
+    """Steps between resumable checkpoints (0: only at the end)."""
+    max_nonfinite: int = 10
+    """Non-finite losses skipped before the run aborts."""
+
+    def problems(self) -> list[str]:
+        out = [
+            f"{k} must be >= 1"
+            for k in ("steps", "batch_size", "max_len", "log_every")
+            if getattr(self, k) < 1
+        ]
+        if self.lr <= 0:
+            out.append("lr must be > 0")
+        if self.warmup < 0 or self.checkpoint_every < 0 or self.max_nonfinite < 0:
+            out.append("warmup, checkpoint_every and max_nonfinite must be >= 0")
+        return out
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters on the language model instead of all its weights."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator."""
+    dropout: float = 0.0
+    """LoRA dropout."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    source: Literal["train", "path"] = "train"
+    """train: SFT a tiny teacher here (embedded default); path: adopt a local HF LLaVA checkpoint."""
+    path: str = ""
+    """Checkpoint folder (source = path)."""
+    arch: LlavaArch = field(default_factory=LlavaArch)
+    """Architecture when training here."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """SFT settings when training here."""
+
+    def problems(self) -> list[str]:
+        return ["teacher.source 'path' needs teacher.path"] if self.source == "path" and not self.path else []
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    k: int = 16
+    """Teacher top-k tokens stored per assistant token (plus an exact tail bucket)."""
+    encoding: str = "uint8_log"
+    """Value encoding of the top-k log-probs (see geodistill.cache.codec)."""
+    pooling: int = 1
+    """Average pooling of the projector features over the patch grid (kernel = stride)."""
+    batch_size: int = 64
+    """Records per teacher forward."""
+
+    def problems(self) -> list[str]:
+        return [f"{k} must be >= 1" for k in ("k", "pooling", "batch_size") if getattr(self, k) < 1]
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    source: Literal["build", "path"] = "build"
+    """build: a fresh student from ``arch``; path: start from a local HF LLaVA checkpoint."""
+    path: str = ""
+    """Checkpoint folder (source = path)."""
+    arch: LlavaArch = field(default_factory=LlavaArch)
+    """Architecture when building."""
+    init_seed: int = 0
+    """Seed of the student's initial weights (baseline, control and KD share them)."""
+    freeze_vision: bool = True
+    """Freeze the CLIP tower, as GeoChat does."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Optional LoRA on the language model."""
+
+    def problems(self) -> list[str]:
+        return ["student.source 'path' needs student.path"] if self.source == "path" and not self.path else []
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """SFT of the baseline student on ground truth."""
+
+
+@dataclass(frozen=True)
+class OnPolicyConfig:
+    enabled: bool = False
+    """Add MiniLLM's on-policy terms (needs the live teacher)."""
+    every: int = 4
+    """Run an on-policy update every N steps."""
+    batch_size: int = 8
+    """Prompts sampled per on-policy update."""
+    mix_alpha: float = 0.2
+    """Teacher-mixed sampling: y_t ~ (1 - a) q + a p."""
+    max_new_tokens: int = 32
+    """Longest sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    clip: float = 3.0
+    """Clip of the per-token importance weight w_t."""
+    single_weight: float = 1.0
+    """Weight of the single-step reverse-KL term on samples."""
+    long_weight: float = 1.0
+    """Weight of the long-term (policy-gradient) term."""
+
+    def problems(self) -> list[str]:
+        out = [] if 0 <= self.mix_alpha <= 1 else ["mix_alpha must be in [0, 1]"]
+        return out + (
+            [f"{k} must be >= 1" for k in ("every", "batch_size", "max_new_tokens") if getattr(self, k) < 1]
+        )
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    enabled: bool = False
+    """Train under DeepSpeed (launch with `deepspeed` or `torchrun`)."""
+    zero_stage: int = 2
+    """ZeRO stage (0-3)."""
+
+    def problems(self) -> list[str]:
+        return [] if self.zero_stage in (0, 1, 2, 3) else ["zero_stage must be 0, 1, 2 or 3"]
+
+
+KL_KINDS = ("reverse", "forward", "jsd", "skew_forward", "skew_reverse")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    kl: str = "reverse"
+    """Divergence on cached data: reverse (the paper), forward, jsd, skew_forward, skew_reverse."""
+    kl_weight: float = 1.0
+    """Weight of the KL term on cached teacher top-k."""
+    sft_weight: float = 0.0
+    """Weight of plain cross-entropy on ground truth (0 in the paper's recipe)."""
+    align_weight: float = 1.0
+    """Weight of L_align (projector-feature MSE)."""
+    pt_weight: float = 0.1
+    """Weight of L_PT (language modelling on D_PT)."""
+    pt_batch_size: int = 16
+    """Pretraining texts per step."""
+    jsd_beta: float = 0.5
+    """beta of JSD(beta)."""
+    skew_alpha: float = 0.1
+    """alpha of skew KL."""
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """MiniLLM on-policy terms."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed ZeRO."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop settings (the equal-compute control uses the same steps and batch size)."""
+
+    def problems(self) -> list[str]:
+        out = [] if self.kl in KL_KINDS else [f"kl must be one of {KL_KINDS}, got {self.kl!r}"]
+        if not 0 < self.jsd_beta < 1 or not 0 < self.skew_alpha < 1:
+            out.append("jsd_beta and skew_alpha must be in (0, 1)")
+        return out
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class BenchmarksConfig:
+    """Real benchmark locations; empty strings mean: use the prepared test split."""
+
+    scene_dir: str = ""
+    """AID / UCMerced layout: a folder per class."""
+    rsvqa_dir: str = ""
+    """RSVQA-LR/HR folder with *_questions.json, *_answers.json, *_images.json and Images/."""
+    referring_jsonl: str = ""
+    """GeoChat-Bench referring/grounding JSONL."""
+    region_caption_json: str = ""
+    """GeoChat-Bench region-caption JSON."""
+    image_dir: str = ""
+    """Image folder for the GeoChat-Bench files."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: Literal["test", "val"] = "test"
+    """Prepared split to evaluate (tune on val, report on test)."""
+    batch_size: int = 32
+    """Prompts per batched greedy decode."""
+    max_new_tokens: int = 48
+    """Longest generated answer."""
+    limit: int = 0
+    """At most this many items per task (0: all)."""
+    latency_samples: int = 16
+    """Single-sample generations timed for latency."""
+    benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
+    """Real benchmarks (override the prepared split per task)."""
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return None
+        return _build(tp, value, where, errors)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(f"{where}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, where, errors)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return None
+        (inner, *_) = typing.get_args(tp)
+        return tuple(_convert(v, inner, f"{where}[{i}]", errors) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T | None:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            errors.append(f"{where}.{key}: unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    n_before = len(errors)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{where}.{f.name}", errors)
+    if len(errors) > n_before:
+        return None
+    obj = cls(**kwargs)
+    problems = getattr(obj, "problems", None)
+    if problems is not None:
+        errors.extend(f"{where}: {p}" for p in problems())
+    return obj
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
+    """Build ``cls`` from a params mapping; raises one ConfigError listing every problem."""
+    errors: list[str] = []
+    obj = _build(cls, data or {}, section, errors)
+    if errors or obj is None:
+        raise ConfigError(f"invalid params section '{section}':\n  - " + "\n  - ".join(errors))
+    return obj
+
+
+#: params.yaml section -> its dataclass. The one place that maps sections to types.
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "shard": ShardConfig,
+    "tokenizer": TokenizerConfig,
+    "teacher": TeacherConfig,
+    "cache": CacheConfig,
+    "student": StudentConfig,
+    "sft": SftConfig,
+    "distill": DistillConfig,
+    "eval": EvalConfig,
+}
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found; run from the project root (where params.yaml lives)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_section(name: str, path: str | Path = "params.yaml") -> Any:
+    """Load and validate one section of params.yaml."""
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown params section {name!r}; sections are {sorted(SECTIONS)}")
+    return from_dict(SECTIONS[name], read_params(path).get(name), name)
+
+
+def load_all(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Validate the whole file: unknown sections and every section's problems in one error."""
+    raw = read_params(path)
+    errors = [
+        f"{k}: unknown section (valid: {', '.join(sorted(SECTIONS))})" for k in raw if k not in SECTIONS
+    ]
+    out = {}
+    for name, cls in SECTIONS.items():
+        try:
+            out[name] = from_dict(cls, raw.get(name), name)
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError(f"{path}:\n" + "\n".join(errors))
+    return out

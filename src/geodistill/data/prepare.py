@@ -1,0 +1,165 @@
+"""The ``prepare`` stage: normalised JSONL splits + images + a validation report.
+
+Output folder layout::
+
+    train.jsonl val.jsonl test.jsonl   records grouped by image (what ``shard`` needs)
+    pretrain.jsonl                     the text-only corpus D_PT ({"id", "text"} per line)
+    images/                            synthetic images (real data stays where it is: see report)
+    report.json                        counts per split/task, skipped records with reasons, image_root
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from geodistill.config import DataConfig
+from geodistill.data import synthetic
+from geodistill.data.records import Record, parse_record
+from geodistill.errors import DataError
+
+SPLITS = ("train", "val", "test")
+REPORT = "report.json"
+
+
+def _write_jsonl(path: Path, records: Iterable[Record]) -> Counter:
+    tasks: Counter = Counter()
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r.to_dict()) + "\n")
+            tasks[r.task] += 1
+    return tasks
+
+
+def prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
+    s = cfg.synthetic
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict[str, int]] = {}
+    sizes = {"train": s.train_images, "val": s.val_images, "test": s.test_images}
+    for split in SPLITS:
+        recs: list[Record] = []
+        # Test records hold only the four evaluation tasks; train/val hold all instruction types.
+        make = synthetic.test_records if split == "test" else synthetic.train_records
+        rng = np.random.default_rng([s.seed, SPLITS.index(split)])
+        for i in range(sizes[split]):
+            scene = synthetic.make_scene(f"{split}{i:06d}", s.seed, s.image_size, s.grid)
+            (out / "images" / f"{scene.image_id}.png").write_bytes(scene.image_png)
+            recs.extend(make(scene, s.grid, rng))
+        counts[split] = dict(_write_jsonl(out / f"{split}.jsonl", recs))
+    synthetic.write_pretrain(out / "pretrain.jsonl", s.seed, s.pretrain_texts)
+    return {"source": "synthetic", "image_root": ".", "records": counts, "skipped": 0, "skips": []}
+
+
+def _check_image(path: Path) -> str | None:
+    """None when the image opens, else why not (header read only: cheap for 318k images)."""
+    if not path.is_file():
+        return f"image file {path} not found"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for corrupt files; all mean "unreadable"
+        return f"image file {path} is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def load_geochat(
+    json_path: Path, image_dir: Path, on_error: str
+) -> tuple[list[Record], list[dict[str, str]]]:
+    """Validate a GeoChat_Instruct-style JSON list; returns (records, skips) or raises DataError."""
+    try:
+        raw = json.loads(json_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from e
+    except OSError as e:
+        raise DataError(f"{json_path}: cannot read ({e}); set data.geochat.train_json") from e
+    if not isinstance(raw, list):
+        raise DataError(f"{json_path}: expected a JSON list of records, got {type(raw).__name__}")
+    records, skips = [], []
+    checked: dict[str, str | None] = {}
+    for i, obj in enumerate(raw):
+        try:
+            rec = parse_record(obj, source=str(json_path), index=i, require_task=False)
+            if rec.image not in checked:
+                checked[rec.image] = _check_image(image_dir / rec.image)
+            if checked[rec.image] is not None:
+                raise DataError(f"{json_path}: record {rec.id!r}, field 'image': {checked[rec.image]}")
+        except DataError as e:
+            if on_error == "raise":
+                raise DataError(f"{e}\n(set data.on_error: skip to skip and count bad records)") from None
+            rid = obj.get("id") if isinstance(obj, dict) else None
+            skips.append({"record": str(rid if rid is not None else f"#{i}"), "reason": str(e)})
+            continue
+        records.append(rec)
+    return records, skips
+
+
+def _is_val(image_id: str, fraction: float) -> bool:
+    h = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < fraction
+
+
+def prepare_geochat(cfg: DataConfig, out: Path) -> dict[str, Any]:
+    g = cfg.geochat
+    image_dir = Path(g.image_dir).resolve()
+    records, skips = load_geochat(Path(g.train_json), image_dir, cfg.on_error)
+    if not records:
+        raise DataError(f"{g.train_json}: no valid records ({len(skips)} skipped); see {out / REPORT}")
+    records.sort(key=lambda r: (r.image_id, r.id))  # group by image for sharding, deterministically
+    counts = {
+        "train": dict(
+            _write_jsonl(out / "train.jsonl", (r for r in records if not _is_val(r.image_id, g.val_fraction)))
+        ),
+        "val": dict(
+            _write_jsonl(out / "val.jsonl", (r for r in records if _is_val(r.image_id, g.val_fraction)))
+        ),
+        "test": dict(_write_jsonl(out / "test.jsonl", [])),
+    }
+    n_pt = 0
+    with (out / "pretrain.jsonl").open("w") as f, Path(g.pretrain_jsonl or "/dev/null").open() as src:
+        if g.pretrain_jsonl:
+            for lineno, line in enumerate(src, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(
+                        f"{g.pretrain_jsonl}: line {lineno}, field 'text': missing or invalid ({e})"
+                    ) from e
+                f.write(json.dumps({"id": f"pt-{n_pt}", "text": text}) + "\n")
+                n_pt += 1
+    return {
+        "source": str(g.train_json),
+        "image_root": str(image_dir),
+        "records": counts,
+        "skipped": len(skips),
+        "skips": skips,
+    }
+
+
+def prepare(cfg: DataConfig, out: Path) -> dict[str, Any]:
+    """Run the stage; returns (and writes) the validation report."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = prepare_synthetic(cfg, out) if cfg.source == "synthetic" else prepare_geochat(cfg, out)
+    report["on_error"] = cfg.on_error
+    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def image_root(prepared: Path) -> Path:
+    """Where the prepared records' image paths are relative to."""
+    report = json.loads((prepared / REPORT).read_text())
+    root = Path(report["image_root"])
+    return root if root.is_absolute() else prepared / root
+
+
+def read_pretrain(prepared: Path) -> list[str]:
+    with (prepared / "pretrain.jsonl").open() as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
