@@ -27,7 +27,9 @@ def test_every_config_field_has_a_docstring():
             for i, stmt in enumerate(body):
                 if isinstance(stmt, ast.AnnAssign):
                     nxt = body[i + 1] if i + 1 < len(body) else None
-                    is_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                    is_doc = isinstance(nxt, ast.Expr) and isinstance(
+                        getattr(nxt, "value", None), ast.Constant
+                    )
                     if not is_doc:
                         missing.append(f"{node.name}.{stmt.target.id}")
     assert not missing, f"fields without a docstring: {missing}"
@@ -42,8 +44,14 @@ def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.load_all(p)
     msg = str(e.value)
-    for needle in ["data.source", "data.bogus: unknown key", "multiple of grid", "cache: k must be >= 1",
-                   "shard.maxcount: expected int", "mystery: unknown section"]:
+    for needle in [
+        "data.source",
+        "data.bogus: unknown key",
+        "multiple of grid",
+        "cache: k must be >= 1",
+        "shard.maxcount: expected int",
+        "mystery: unknown section",
+    ]:
         assert needle in msg, needle
 
 

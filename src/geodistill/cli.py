@@ -1,7 +1,7 @@
 """The ``geodistill`` command: checks and interactive use around the DVC pipeline.
 
-    geodistill check-params [params.yaml]      validate every params section, report all problems
-    geodistill chat --model DIR --image FILE "question"
+geodistill check-params [params.yaml]      validate every params section, report all problems
+geodistill chat --model DIR --image FILE "question"
 """
 
 from __future__ import annotations

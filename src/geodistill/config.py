@@ -160,7 +160,9 @@ class TokenizerConfig:
         if self.source == "path" and not self.path:
             return ["tokenizer.source 'path' needs tokenizer.path"]
         return (
-            [] if self.vocab_size >= 200 else ["vocab_size must be >= 200 (coordinate tokens alone take 101)"]
+            []
+            if self.vocab_size >= 256
+            else ["vocab_size must be >= 256 (specials, ASCII and box tokens take 209)"]
         )
 
 
@@ -233,7 +235,7 @@ class TeacherConfig:
 class CacheConfig:
     k: int = 16
     """Teacher top-k tokens stored per assistant token (plus an exact tail bucket)."""
-    encoding: str = "uint8_log"
+    encoding: str = "float16"
     """Value encoding of the top-k log-probs (see geodistill.cache.codec)."""
     pooling: int = 1
     """Average pooling of the projector features over the patch grid (kernel = stride)."""
@@ -353,7 +355,11 @@ class BenchmarksConfig:
     scene_dir: str = ""
     """AID / UCMerced layout: a folder per class."""
     rsvqa_dir: str = ""
-    """RSVQA-LR/HR folder with *_questions.json, *_answers.json, *_images.json and Images/."""
+    """RSVQA-LR/HR folder with the *_questions.json, *_answers.json, *_images.json files."""
+    rsvqa_prefix: str = "LR_split_test"
+    """Prefix of the RSVQA split files (e.g. LR_split_test, USGS_split_test_phili)."""
+    rsvqa_image_dir: str = ""
+    """RSVQA image folder (Images_LR / Data)."""
     referring_jsonl: str = ""
     """GeoChat-Bench referring/grounding JSONL."""
     region_caption_json: str = ""
@@ -365,7 +371,7 @@ class BenchmarksConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     split: Literal["test", "val"] = "test"
-    """Prepared split to evaluate (tune on val, report on test)."""
+    """Prepared split to evaluate: test.jsonl, or val_eval.jsonl (tune on val, report on test)."""
     batch_size: int = 32
     """Prompts per batched greedy decode."""
     max_new_tokens: int = 48

@@ -16,11 +16,17 @@ def _geochat(tmp_path, records):
     (img_dir / "broken.png").write_bytes(b"not an image")
     src = tmp_path / "geochat.json"
     src.write_text(json.dumps(records))
-    return DataConfig(source="geochat", geochat=GeoChatSourceConfig(train_json=str(src), image_dir=str(img_dir)))
+    return DataConfig(
+        source="geochat", geochat=GeoChatSourceConfig(train_json=str(src), image_dir=str(img_dir))
+    )
 
 
 def rec(i, image="a.png", answer="{<1><2><30><40>|<10>}", q="<image>\n[refer] <p>ship</p>"):
-    return {"id": f"r{i}", "image": image, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": answer}]}
+    return {
+        "id": f"r{i}",
+        "image": image,
+        "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": answer}],
+    }
 
 
 def test_synthetic_prepare_is_deterministic(tmp_path):
@@ -29,7 +35,12 @@ def test_synthetic_prepare_is_deterministic(tmp_path):
     prepare(cfg, tmp_path / "b")
     for f in ("train.jsonl", "val.jsonl", "test.jsonl", "pretrain.jsonl", "images/train000003.png"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
-    assert r1["skipped"] == 0 and set(r1["records"]["test"]) == {"scene", "vqa", "referring", "region_caption"}
+    assert r1["skipped"] == 0 and set(r1["records"]["test"]) == {
+        "scene",
+        "vqa",
+        "referring",
+        "region_caption",
+    }
     assert len(read_pretrain(tmp_path / "a")) == 3
     assert image_root(tmp_path / "a") == tmp_path / "a" / "."
 
@@ -37,8 +48,15 @@ def test_synthetic_prepare_is_deterministic(tmp_path):
 def test_train_val_test_images_are_disjoint(tmp_path):
     cfg = DataConfig(synthetic=SyntheticConfig(train_images=5, val_images=2, test_images=2, pretrain_texts=1))
     prepare(cfg, tmp_path)
-    ids = {s: {json.loads(l)["image_id"] for l in (tmp_path / f"{s}.jsonl").open()} for s in ("train", "val", "test")}
-    assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["val"]) and not (ids["val"] & ids["test"])
+    ids = {
+        s: {json.loads(line)["image_id"] for line in (tmp_path / f"{s}.jsonl").open()}
+        for s in ("train", "val", "test")
+    }
+    assert (
+        not (ids["train"] & ids["test"])
+        and not (ids["train"] & ids["val"])
+        and not (ids["val"] & ids["test"])
+    )
 
 
 BAD = [
@@ -46,7 +64,10 @@ BAD = [
     (rec(2, image="broken.png"), "unreadable"),
     (rec(3, answer="{<1><2><300><40>}"), "outside the 0-100 grid"),
     (rec(4, answer=""), "empty answer"),
-    ({"id": "r5", "image": "a.png", "conversations": [{"from": "bot", "value": "<image>\nx"}]}, "unknown role"),
+    (
+        {"id": "r5", "image": "a.png", "conversations": [{"from": "bot", "value": "<image>\nx"}]},
+        "unknown role",
+    ),
     ({"id": "r6", "conversations": []}, "field 'image'"),
 ]
 

@@ -18,7 +18,9 @@ from geodistill.errors import DataError, ShardError
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
-    cfg = DataConfig(synthetic=SyntheticConfig(train_images=23, val_images=3, test_images=3, pretrain_texts=5))
+    cfg = DataConfig(
+        synthetic=SyntheticConfig(train_images=23, val_images=3, test_images=3, pretrain_texts=5)
+    )
     prepare(cfg, out)
     return out
 
@@ -54,7 +56,9 @@ def test_rank_and_worker_split_partition_the_data(prepared, tmp_path):
     parts = []
     for rank in range(2):
         for worker in range(2):
-            parts += [s.key for s in iter_samples(tmp_path, rank=rank, world_size=2, worker=worker, num_workers=2)]
+            parts += [
+                s.key for s in iter_samples(tmp_path, rank=rank, world_size=2, worker=worker, num_workers=2)
+            ]
     assert sorted(parts) == sorted(everything) and len(parts) == len(set(parts))
     m = load_manifest(tmp_path)
     assert shards_for_rank(m, 0, 2) + shards_for_rank(m, 1, 2) != [] and len(shards_for_rank(m, 1, 2)) == 4

@@ -22,9 +22,8 @@ def test_every_scene_class_renders_and_objects_are_on_the_grid():
         assert img.size == (64, 64)
         for o in sc.objects:
             assert not o.box(8).problems()
-            lo, hi = synthetic.SCENE_OBJECTS[name][o.category]
             assert o.category in synthetic.SCENE_OBJECTS[name]
-        for cat, (lo, hi) in synthetic.SCENE_OBJECTS[name].items():
+        for cat, (_lo, hi) in synthetic.SCENE_OBJECTS[name].items():
             assert sc.count(cat) <= hi
 
 
@@ -33,7 +32,7 @@ def test_object_pixels_are_drawn_inside_their_box():
     arr = np.asarray(Image.open(io.BytesIO(sc.image_png)).convert("RGB")).astype(int)
     for o in sc.objects:
         colour = np.array(synthetic.COLOURS[o.colour])
-        hits = np.argwhere((np.abs(arr - colour).sum(-1) == 0))
+        hits = np.argwhere(np.abs(arr - colour).sum(-1) == 0)
         cell = 8
         inside = [
             (o.row * cell <= r < (o.row + o.rows) * cell) and (o.col * cell <= c < (o.col + o.cols) * cell)
@@ -51,7 +50,13 @@ def test_records_cover_all_tasks_and_validate():
             assert parse_record(r.to_dict(), source="gen", index=0) == r
             tasks.add(r.task)
     assert tasks == {
-        "scene", "vqa", "description", "conversation", "complex", "grounding_description", "region_caption",
+        "scene",
+        "vqa",
+        "description",
+        "conversation",
+        "complex",
+        "grounding_description",
+        "region_caption",
         "referring",
     }
 

@@ -21,7 +21,12 @@ class CharTokenizer:
         return "".join(names.get(i, chr(i)) if i >= 1000 else chr(i) for i in ids)
 
 
-TURNS = (Turn("human", "<image>\nHow many?"), Turn("gpt", "3"), Turn("human", "And ships?"), Turn("gpt", "no"))
+TURNS = (
+    Turn("human", "<image>\nHow many?"),
+    Turn("gpt", "3"),
+    Turn("human", "And ships?"),
+    Turn("gpt", "no"),
+)
 
 
 def test_vicuna_text_and_image_expansion():

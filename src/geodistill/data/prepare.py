@@ -3,6 +3,7 @@
 Output folder layout::
 
     train.jsonl val.jsonl test.jsonl   records grouped by image (what ``shard`` needs)
+    val_eval.jsonl                     the four evaluation tasks on the validation images (for tuning)
     pretrain.jsonl                     the text-only corpus D_PT ({"id", "text"} per line)
     images/                            synthetic images (real data stays where it is: see report)
     report.json                        counts per split/task, skipped records with reasons, image_root
@@ -45,14 +46,23 @@ def prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
     sizes = {"train": s.train_images, "val": s.val_images, "test": s.test_images}
     for split in SPLITS:
         recs: list[Record] = []
-        # Test records hold only the four evaluation tasks; train/val hold all instruction types.
-        make = synthetic.test_records if split == "test" else synthetic.train_records
+        evals: list[Record] = []
         rng = np.random.default_rng([s.seed, SPLITS.index(split)])
         for i in range(sizes[split]):
             scene = synthetic.make_scene(f"{split}{i:06d}", s.seed, s.image_size, s.grid)
             (out / "images" / f"{scene.image_id}.png").write_bytes(scene.image_png)
-            recs.extend(make(scene, s.grid, rng))
-        counts[split] = dict(_write_jsonl(out / f"{split}.jsonl", recs))
+            # Test images hold only the four evaluation tasks; validation images get both kinds, so
+            # held-out losses and task metrics can be tuned on them without touching the test split.
+            if split != "test":
+                recs.extend(synthetic.train_records(scene, s.grid, rng))
+            if split != "train":
+                evals.extend(synthetic.test_records(scene, s.grid, rng))
+        if split == "test":
+            counts[split] = dict(_write_jsonl(out / "test.jsonl", evals))
+        else:
+            counts[split] = dict(_write_jsonl(out / f"{split}.jsonl", recs))
+        if split == "val":
+            counts["val_eval"] = dict(_write_jsonl(out / "val_eval.jsonl", evals))
     synthetic.write_pretrain(out / "pretrain.jsonl", s.seed, s.pretrain_texts)
     return {"source": "synthetic", "image_root": ".", "records": counts, "skipped": 0, "skips": []}
 
@@ -120,6 +130,7 @@ def prepare_geochat(cfg: DataConfig, out: Path) -> dict[str, Any]:
             _write_jsonl(out / "val.jsonl", (r for r in records if _is_val(r.image_id, g.val_fraction)))
         ),
         "test": dict(_write_jsonl(out / "test.jsonl", [])),
+        "val_eval": dict(_write_jsonl(out / "val_eval.jsonl", [])),
     }
     n_pt = 0
     with (out / "pretrain.jsonl").open("w") as f, Path(g.pretrain_jsonl or "/dev/null").open() as src:

@@ -1,0 +1,181 @@
+"""Supervised fine-tuning on ground truth: the teacher (embedded default), the baseline student and
+the equal-compute control all train through this, on the shared loop in ``train.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from geodistill.config import StudentConfig, TrainConfig
+from geodistill.data.collate import Batch, Example, collate, iter_examples, shuffled_batches
+from geodistill.distill.losses import lm_loss
+from geodistill.distill.train import Dist, LoopResult, clear_checkpoint, dvclive_logger, run_loop
+from geodistill.models.checkpoints import load, write_fingerprint
+from geodistill.models.factory import (
+    ImageTransform,
+    apply_lora,
+    build_llava,
+    check_compatible,
+    freeze_vision_tower,
+    merge_lora,
+    num_image_tokens,
+    save_llava,
+    unwrap,
+)
+
+
+def run_key(*parts: Any) -> str:
+    """A stable hash of everything that defines a run (configs, input hashes)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+class Collator:
+    """Examples -> Batch for one model's tokenizer and image transform."""
+
+    def __init__(self, tok, transform: Callable, num_image_tokens: int, max_len: int) -> None:
+        self.tok, self.transform, self.n_img, self.max_len = tok, transform, num_image_tokens, max_len
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        return collate(examples, self.tok, self.transform, self.n_img, self.max_len, self.tok.pad_token_id)
+
+
+def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, T, V) logits of a LLaVA model on a batch."""
+    return model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+    ).logits
+
+
+def sft_step(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Cross-entropy on assistant tokens only."""
+    loss = lm_loss(forward(model, batch), batch.labels)
+    return {"loss": loss, "ce": loss.detach()}
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batches: Iterator[Batch], max_batches: int) -> dict[str, float]:
+    """Teacher-forced CE and next-token accuracy on assistant tokens (a cheap held-out signal)."""
+    was_training = model.training
+    model.eval()
+    total_ce, total_ok, total_n = 0.0, 0, 0
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        logits = forward(model, batch)[:, :-1]
+        labels = batch.labels[:, 1:]
+        m = labels != -100
+        ce = torch.nn.functional.cross_entropy(logits[m], labels[m], reduction="sum")
+        total_ce += float(ce)
+        total_ok += int((logits[m].argmax(-1) == labels[m]).sum())
+        total_n += int(m.sum())
+    model.train(was_training)
+    return {"loss": total_ce / max(1, total_n), "token_acc": total_ok / max(1, total_n), "tokens": total_n}
+
+
+def val_batches(shard_dir: Path, collator: Collator, batch_size: int) -> Iterator[Batch]:
+    """One deterministic pass over a (validation) shard folder."""
+    chunk: list[Example] = []
+    for ex in iter_examples(shard_dir):
+        chunk.append(ex)
+        if len(chunk) == batch_size:
+            yield collator(chunk)
+            chunk = []
+    if chunk:
+        yield collator(chunk)
+
+
+def train_sft(
+    model: nn.Module,
+    collator: Collator,
+    shard_dir: Path,
+    cfg: TrainConfig,
+    ckpt_dir: Path,
+    *,
+    logger: Callable[[int, dict[str, float]], None] | None = None,
+    key: str = "",
+    deepspeed_stage: int | None = None,
+) -> LoopResult:
+    """SFT ``model`` in place for ``cfg.steps`` steps; resumable from ``ckpt_dir``."""
+    d = Dist.from_env()
+    torch.manual_seed(cfg.seed)
+    raw = shuffled_batches(shard_dir, cfg.batch_size, cfg.seed, rank=d.rank, world_size=d.world_size)
+    result = run_loop(
+        model,
+        raw,
+        lambda examples, _step: sft_step(model, collator(examples)),
+        cfg,
+        ckpt_dir,
+        logger=logger,
+        deepspeed_stage=deepspeed_stage,
+        run_key=key,
+    )
+    clear_checkpoint(ckpt_dir)
+    return result
+
+
+def make_student(cfg: StudentConfig, tok) -> tuple[nn.Module, ImageTransform]:
+    """The initial student: built from ``cfg.arch`` with ``cfg.init_seed``, or loaded from a checkpoint."""
+    if cfg.source == "build":
+        model = build_llava(cfg.arch, tok, cfg.init_seed)
+        transform = ImageTransform(cfg.arch.image_size)
+    else:
+        model, student_tok, transform = load(cfg.path, dtype=torch.float32)
+        check_compatible(tok, student_tok)
+    return model, transform
+
+
+def prepare_trainable(model: nn.Module, cfg: StudentConfig) -> nn.Module:
+    """Apply the student's freezing and LoRA settings (returns the possibly peft-wrapped model)."""
+    if cfg.freeze_vision:
+        freeze_vision_tower(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    return model
+
+
+def sft_stage(
+    model: nn.Module,
+    tok,
+    transform: ImageTransform,
+    cfg: TrainConfig,
+    shards: Path,
+    out: Path,
+    *,
+    name: str,
+    key: str,
+) -> dict[str, Any]:
+    """Train by SFT, save a plain-transformers checkpoint with its fingerprint, return metrics.
+
+    Logs to ``dvclive/<name>``; resumable checkpoints live in ``checkpoints/<name>`` (not a DVC output).
+    """
+    collator = Collator(tok, transform, num_image_tokens(unwrap(model).config), cfg.max_len)
+    log, live = dvclive_logger(Path("dvclive") / name)
+    result = train_sft(
+        model, collator, shards / "train", cfg, Path("checkpoints") / name, logger=log, key=key
+    )
+    model = merge_lora(model)
+    val = heldout_loss(model, val_batches(shards / "val", collator, cfg.batch_size), max_batches=40)
+    for k, v in val.items():
+        live.summary[f"val_{k}"] = v
+    live.end()
+    if Dist.from_env().is_main:
+        save_llava(model, tok, transform, out)
+        write_fingerprint(out)
+    summary = {
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "skipped_nonfinite": result.skipped_nonfinite,
+        "train": result.last,
+        "val": val,
+    }
+    print(
+        f"{name}: {result.steps} steps in {result.seconds:.0f} s; val loss {val['loss']:.4f}, "
+        f"token acc {val['token_acc']:.4f}"
+    )
+    return summary

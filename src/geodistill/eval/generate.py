@@ -1,0 +1,85 @@
+"""Batched greedy decoding with left padding, as the evaluation and chat use it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from geodistill.data.records import Turn
+from geodistill.data.template import encode_conversation
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question about one image (the question holds ``<image>`` if it is the first turn)."""
+
+    turns: tuple[Turn, ...]
+    image: Image.Image
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the left so every prompt ends at the last column."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, t - len(r) :] = 1
+    return ids, mask
+
+
+def clean_decode(tok, ids: Sequence[int]) -> str:
+    """Decode generated ids up to the first eos, keeping added tokens like ``<12>`` (never 'special')."""
+    out = []
+    for i in ids:
+        if i == tok.eos_token_id:
+            break
+        if i != tok.pad_token_id:
+            out.append(int(i))
+    return tok.decode(out, skip_special_tokens=False).strip()
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tok,
+    transform: Callable[[Image.Image], torch.Tensor],
+    num_image_tokens: int,
+    prompts: Sequence[Prompt],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[str], float]:
+    """Greedy answers for ``prompts`` (in order) and the seconds spent generating."""
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    seconds = 0.0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rows = [
+            encode_conversation(tok, p.turns, num_image_tokens, for_generation=True).input_ids for p in chunk
+        ]
+        ids, mask = left_pad(rows, tok.pad_token_id)
+        pixels = torch.stack([transform(p.image) for p in chunk])
+        t0 = time.perf_counter()
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=pixels.to(device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        seconds += time.perf_counter() - t0
+        new = out[:, ids.shape[1] :].tolist()
+        answers.extend(clean_decode(tok, row) for row in new)
+        if progress is not None:
+            progress(len(chunk))
+    return answers, seconds
