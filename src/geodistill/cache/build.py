@@ -29,7 +29,7 @@ from geodistill.config import CacheConfig
 from geodistill.data.collate import Example, collate
 from geodistill.data.shards import iter_shard, load_manifest, manifest_hash, shards_for_rank
 from geodistill.data.template import TEMPLATE_NAME
-from geodistill.distill.train import Dist
+from geodistill.distributed import Dist
 from geodistill.models.checkpoints import load, model_fingerprint
 from geodistill.models.factory import capture_projector, num_image_tokens
 from geodistill.models.features import pool_image_features

@@ -31,7 +31,8 @@ from geodistill.data.template import encode_conversation
 from geodistill.distill.losses import distill_kl, feature_align_loss, lm_loss, make_adapter
 from geodistill.distill.onpolicy import mixed_sample, onpolicy_losses
 from geodistill.distill.sft import Collator, heldout_loss, prepare_trainable, run_key, val_batches
-from geodistill.distill.train import Dist, clear_checkpoint, dvclive_logger, run_loop
+from geodistill.distill.train import clear_checkpoint, dvclive_logger, run_loop
+from geodistill.distributed import Dist
 from geodistill.errors import CacheError, ModelError
 from geodistill.eval.generate import left_pad
 from geodistill.models.checkpoints import load, model_fingerprint, resolve, write_fingerprint

@@ -15,7 +15,8 @@ from torch import nn
 from geodistill.config import StudentConfig, TrainConfig
 from geodistill.data.collate import Batch, Example, collate, iter_examples, shuffled_batches
 from geodistill.distill.losses import lm_loss
-from geodistill.distill.train import Dist, LoopResult, clear_checkpoint, dvclive_logger, run_loop
+from geodistill.distill.train import LoopResult, clear_checkpoint, dvclive_logger, run_loop
+from geodistill.distributed import Dist
 from geodistill.models.checkpoints import load, write_fingerprint
 from geodistill.models.factory import (
     ImageTransform,

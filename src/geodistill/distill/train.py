@@ -9,7 +9,6 @@ resume (model, optimizer, RNG and data position), dvclive logging, and optional 
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from geodistill.config import TrainConfig
+from geodistill.distributed import Dist
 from geodistill.errors import TrainingError
 
 B = TypeVar("B")
@@ -37,31 +37,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.steps - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclass
-class Dist:
-    """Process-group facts, read from the launcher's environment (torchrun / deepspeed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(
-            int(os.environ.get("RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-        )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def init(self) -> None:
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
 
 
 @dataclass

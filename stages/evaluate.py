@@ -1,0 +1,30 @@
+"""Evaluate one pipeline model on scene classification, VQA, grounding and region captioning,
+plus parameters, FLOPs, latency and memory.
+
+    python stages/evaluate.py student_kd        # models/student_kd -> metrics/student_kd.json
+
+dvc.yaml runs it for every model (foreach). Reads params `eval.*`. Full results (confusion matrix,
+per-class and per-size breakdowns, every prediction) go to reports/eval/<model>/.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from geodistill.config import load_section
+from geodistill.data.prepare import image_root
+from geodistill.eval.run import evaluate_model, headline, scalars
+
+PREPARED = Path("data/prepared")
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    details = Path("reports/eval") / name
+    metrics = evaluate_model(
+        Path("models") / name, name, load_section("eval"), PREPARED, image_root(PREPARED), details
+    )
+    (details / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    Path("metrics").mkdir(exist_ok=True)
+    summary = {"headline": headline(metrics), **scalars(metrics)}
+    Path(f"metrics/{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({"model": name, **summary["headline"]}))
