@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -18,7 +19,11 @@ class Prompt:
     """One question about one image (the question holds ``<image>`` if it is the first turn)."""
 
     turns: tuple[Turn, ...]
-    image: Image.Image
+    image: Image.Image | Path
+    """An image, or its path (opened only when its batch is decoded, so a large benchmark stays on disk)."""
+
+    def pil(self) -> Image.Image:
+        return self.image if isinstance(self.image, Image.Image) else Image.open(self.image).convert("RGB")
 
 
 def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +58,13 @@ def generate(
     *,
     batch_size: int,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str], float]:
-    """Greedy answers for ``prompts`` (in order) and the seconds spent generating."""
+    """Greedy answers for ``prompts`` (in order) and the seconds spent generating.
+
+    ``min_new_tokens`` forces a decode length (efficiency measurements compare models at equal work).
+    """
     model.eval()
     device = next(model.parameters()).device
     answers: list[str] = []
@@ -66,14 +75,15 @@ def generate(
             encode_conversation(tok, p.turns, num_image_tokens, for_generation=True).input_ids for p in chunk
         ]
         ids, mask = left_pad(rows, tok.pad_token_id)
-        pixels = torch.stack([transform(p.image) for p in chunk])
+        pixels = torch.stack([transform(p.pil()) for p in chunk])
         t0 = time.perf_counter()
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            pixel_values=pixels.to(device),
+            pixel_values=pixels.to(device, dtype=next(model.parameters()).dtype),
             do_sample=False,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )

@@ -81,7 +81,7 @@ def load_items(cfg: EvalConfig, prepared: Path, image_root: Path) -> dict[str, l
 def _answer(
     model, tok, transform, n_img: int, items: Sequence[tuple[Record, Path]], cfg: EvalConfig
 ) -> list[str]:
-    prompts = [Prompt(rec.conversations[:1], Image.open(path).convert("RGB")) for rec, path in items]
+    prompts = [Prompt(rec.conversations[:1], path) for rec, path in items]
     bar = tqdm(total=len(prompts), unit="q", leave=False)
     answers, _ = generate(
         model, tok, transform, n_img, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
@@ -91,43 +91,60 @@ def _answer(
     return answers
 
 
+FIXED_NEW_TOKENS = 16
+"""Decode length forced when measuring FLOPs, latency and tokens/s, so models compare at equal work."""
+
+
 @torch.inference_mode()
 def efficiency(
     model, tok, transform, n_img: int, items: Sequence[tuple[Record, Path]], cfg: EvalConfig
 ) -> dict:
-    """Parameters, FLOPs per sample (prefill + decode, torch.utils.flop_counter), batch-1 latency,
-    generated tokens/s and the process's peak memory (Table 8)."""
+    """Table 8: parameters, FLOPs per sample (prefill + FIXED_NEW_TOKENS decode steps, counted by
+    torch.utils.flop_counter), batch-1 latency and tokens/s at that decode length, and peak memory
+    (CUDA: max allocated; CPU: the process's peak resident set, data included)."""
     out: dict[str, Any] = {"params": count_parameters(model)}
+    device = next(model.parameters()).device
     sample = list(items[: max(1, cfg.latency_samples)])
+    n_new = FIXED_NEW_TOKENS
     rec, path = sample[0]
-    image = Image.open(path).convert("RGB")
     ids = encode_conversation(tok, rec.conversations[:1], n_img, for_generation=True).input_ids
     input_ids, mask = left_pad([ids], tok.pad_token_id)
-    pixels = transform(image).unsqueeze(0)
+    pixels = transform(Image.open(path).convert("RGB")).unsqueeze(0)
     with FlopCounterMode(display=False) as counter:
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
-                             max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)  # fmt: skip
-    out["flops_per_sample"] = int(counter.get_total_flops())
-    out["flops_sample_new_tokens"] = int(gen.shape[1] - input_ids.shape[1])
-    seconds, new_tokens = 0.0, 0
-    for rec, path in sample:
-        prompt = Prompt(rec.conversations[:1], Image.open(path).convert("RGB"))
-        t0 = time.perf_counter()
-        (answer,), _ = generate(
-            model, tok, transform, n_img, [prompt], batch_size=1, max_new_tokens=cfg.max_new_tokens
+        dtype = next(model.parameters()).dtype
+        model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=pixels.to(device, dtype=dtype),
+            do_sample=False,
+            min_new_tokens=n_new,
+            max_new_tokens=n_new,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
+    out["flops_per_sample"] = int(counter.get_total_flops())
+    out["new_tokens"] = n_new
+    out["prompt_tokens"] = len(ids)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = 0.0
+    for rec, path in sample:
+        prompt = Prompt(rec.conversations[:1], path)
+        t0 = time.perf_counter()
+        generate(
+            model, tok, transform, n_img, [prompt], batch_size=1, max_new_tokens=n_new, min_new_tokens=n_new
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
-        new_tokens += len(tok.encode(answer, add_special_tokens=False)) + 1
     out["latency_s"] = seconds / len(sample)
-    out["tokens_per_s"] = new_tokens / seconds if seconds > 0 else None
-    out["peak_memory_mb"] = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if torch.cuda.is_available()
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    out["tokens_per_s"] = n_new * len(sample) / seconds if seconds > 0 else None
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     out["weights_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    out["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    out["device"] = device.type
     return out
 
 
@@ -136,6 +153,8 @@ def evaluate_model(
 ) -> dict:
     """Run every task on one model; write predictions and the confusion matrix under ``plots``."""
     model, tok, transform = load(model_dir, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.to("cuda", dtype=torch.bfloat16)
     model.eval()
     n_img = num_image_tokens(model.config)
     items = load_items(cfg, prepared, image_root)

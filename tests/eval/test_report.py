@@ -1,0 +1,211 @@
+"""The report stage on fabricated evaluate/dvclive outputs: tables, generated verdicts, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from geodistill.errors import DataError
+from geodistill.eval import report
+from geodistill.eval.report import Delta, noise_band, read_tsv, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Headline accuracies per model; student_kd beats the control clearly on scene OA only.
+SCORES = {
+    "teacher": {"OA": 0.90, "vqa": 0.70, "g5": 0.40, "r1": 0.50},
+    "student_sft": {"OA": 0.60, "vqa": 0.50, "g5": 0.20, "r1": 0.30},
+    "student_control": {"OA": 0.62, "vqa": 0.52, "g5": 0.21, "r1": 0.31},
+    "student_kd": {"OA": 0.80, "vqa": 0.53, "g5": 0.22, "r1": 0.32},
+}
+N = 400
+PREDICTIONS = ["{<10><10><40><50>|<30>}", "no idea", "{<5><5><30><30>}{<50><50><90><95>|<-20>}"]
+
+
+def _details(name: str) -> dict:
+    s = SCORES[name]
+    cell = {
+        "n_items": 2,
+        "n_gt": 3,
+        "n_pred": 3,
+        "acc@0.5": s["g5"],
+        "acc@0.25": s["g5"] + 0.1,
+        "unparsed": 1,
+    }
+    return {
+        "model": name,
+        "split": "test",
+        "scene": {"OA": s["OA"], "AA": s["OA"] - 0.01, "per_class": {"a": s["OA"]}, "confusion": [[1, 0]],
+                  "rows": ["a"], "cols": ["a", "<other>"], "n": N, "unparsed": 7},
+        "vqa": {"accuracy": {"presence": s["vqa"], "count": s["vqa"] - 0.1},
+                "n": {"presence": 200, "count": 200}, "mOA": s["vqa"], "OA": s["vqa"] - 0.05,
+                "n_total": N, "empty": 0},
+        "grounding": {"n_items": N, "n_gt": 500, "n_pred": 450, "acc@0.5": s["g5"], "acc@0.25": s["g5"] + 0.1,
+                      "unparsed": 11, "by_size": {"small": cell, "large": {**cell, "acc@0.5": 0.333}},
+                      "by_objects": {"single": cell, "multi": {**cell, "acc@0.5": 0.125}}},
+        "captioning": {"n": N, "empty": 0, "rouge1": s["r1"], "rougeL": s["r1"] - 0.02,
+                       "meteor": s["r1"] / 2},
+        "efficiency": {"params": {"total": 7_000_000_000 if name == "teacher" else 3_085_504,
+                                  "language_model": 2_885_888}, "flops_per_sample": 839_057_408,
+                       "new_tokens": 6, "latency_s": 0.25, "tokens_per_s": 24.0,
+                       "peak_memory_mb": 560.0, "device": "cpu"},
+    }  # fmt: skip
+
+
+def _headline(d: dict) -> dict:
+    return {
+        "scene_OA": d["scene"]["OA"],
+        "scene_AA": d["scene"]["AA"],
+        "vqa_mOA": d["vqa"]["mOA"],
+        "grounding_acc@0.5": d["grounding"]["acc@0.5"],
+        "grounding_acc@0.25": d["grounding"]["acc@0.25"],
+        "caption_rouge1": d["captioning"]["rouge1"],
+        "caption_rougeL": d["captioning"]["rougeL"],
+        "caption_meteor": d["captioning"]["meteor"],
+    }
+
+
+def _fake_pipeline(root: Path, models=report.MODELS) -> None:
+    """metrics/, reports/eval/<model>/ (metrics, predictions, confusion) and dvclive/ as the stages write."""
+    images = root / "data" / "prepared" / "images"
+    images.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (64, 48), (40 * i, 90, 160)).save(images / f"test{i}.png")
+    (root / "metrics").mkdir()
+    for k, name in enumerate(models):
+        d = _details(name)
+        (root / "metrics" / f"{name}.json").write_text(
+            json.dumps({"headline": _headline(d), "scene": {"OA": 0}})
+        )
+        ev = root / "reports" / "eval" / name
+        ev.mkdir(parents=True)
+        (ev / "metrics.json").write_text(json.dumps(d))
+        Image.new("RGB", (20, 20), (k * 50, 0, 0)).save(ev / "confusion.png")
+        rows = []
+        for i in range(3):
+            pred = PREDICTIONS[(i + k) % 3]
+            rows.append({"task": "referring", "id": f"t{i}", "image": f"data/prepared/images/test{i}.png",
+                         "question": f"<image>\n[refer] <p>the ship {i}</p>", "prediction": pred,
+                         "reference": "{<10><10><40><50>}",
+                         "meta": {"boxes": ["{<10><10><40><50>|<10>}"], "width": 64, "height": 48,
+                                  "size": ["small", "large", "small"][i], "multi": False}})  # fmt: skip
+        rows.append({"task": "scene", "id": "s0", "image": "x.png", "question": "q", "prediction": "a",
+                     "reference": "a", "meta": {}})  # fmt: skip
+        (ev / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for run, names in {"teacher": ["loss", "ce"], "student_sft": ["loss"], "student_control": ["loss", "ce"],
+                       "distill": ["loss", "kl", "align", "pt", "ce", "lr"]}.items():  # fmt: skip
+        folder = root / "dvclive" / run / "plots" / "metrics"
+        folder.mkdir(parents=True)
+        for n in names:
+            (folder / f"{n}.tsv").write_text(f"step\t{n}\n" + "".join(f"{s}\t{3.0 / s}\n" for s in (1, 2, 4)))
+        (root / "dvclive" / run / "metrics.json").write_text(
+            json.dumps({"loss": 0.75, "val_loss": 1.5, "val_token_acc": 0.4321, "step": 4})
+        )
+
+
+def _is_png(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.read(8) != PNG_MAGIC:
+            return False
+    with Image.open(path) as im:
+        im.verify()
+    return True
+
+
+def test_full_report(tmp_path):
+    _fake_pipeline(tmp_path)
+    out = write_report(tmp_path)
+    md = out.read_text()
+    assert out == tmp_path / "reports" / "report.md"
+    for section in ("Scene classification", "VQA", "Grounding", "Region captioning", "Efficiency",
+                    "What distillation adds"):  # fmt: skip
+        assert f"## {section}" in md
+    # Numbers come from the full details, as percentages with one decimal.
+    assert "| student_kd | 400 | 80.0 | 79.0 | 7 |" in md
+    assert "| teacher | 400 | 70.0 | 60.0 | 70.0 | 65.0 |" in md  # presence, count, mOA, OA
+    assert "| student_sft | 400 | 20.0 | 30.0 | 20.0 | 33.3 | 20.0 | 12.5 | 11 |" in md
+    assert "| student_control | 400 | 31.0 | 29.0 | 15.5 | 0 |" in md
+    assert "7.00 G" in md and "3.09 M" in md and "839.06 M (6 new tok)" in md and "250.0" in md
+    assert md.index("| teacher |") < md.index("| student_sft |") < md.index("| student_control |")
+    # The generated comparison: +18 points on scene OA is far beyond noise at n=400, the rest is not.
+    para = md.split("## What distillation adds")[1].split("## Figures")[0]
+    assert "| scene OA | +18.0 ± " in para
+    assert "Against student_control" in para and "higher beyond noise on scene OA +18.0 points" in para
+    assert "In short: distillation adds measurable quality over equal compute on scene OA and scene AA." in (
+        para
+    )
+    assert "the same or within noise on VQA mOA" in para
+    assert "scene 400" in para and "grounding 400" in para
+    # Teacher gap on scene OA is 30 points; student_kd closes 20/30 of it.
+    assert "scene OA 67%" in para
+    assert "val token acc" in md and "43.2" in md
+    figures = tmp_path / "reports" / "figures"
+    for name in ("grounding.png", "losses.png", "confusion_student_kd.png"):
+        assert _is_png(figures / name), name
+        assert f"figures/{name}" in md
+    with Image.open(figures / "grounding.png") as im:
+        assert im.width > 400 and im.height > 300  # 4 model columns, 3 image rows
+    assert "Not evaluated" not in md and "warning" not in md
+    assert "Sources: teacher: reports/eval/teacher/metrics.json" in md
+
+
+def test_missing_models_and_summary_fallback(tmp_path):
+    _fake_pipeline(tmp_path, ("teacher", "student_sft", "student_kd"))
+    # student_kd has only the DVC summary: the tables still fill from it, the figure skips its column.
+    d = _details("student_kd")
+    (tmp_path / "metrics" / "student_kd.json").write_text(json.dumps({"headline": _headline(d), **d}))
+    for f in (tmp_path / "reports" / "eval" / "student_kd").iterdir():
+        f.unlink()
+    md = write_report(tmp_path).read_text()
+    assert "Not evaluated, skipped: student_control." in md
+    assert "| student_control |" not in md.split("## Figures")[0]  # (its training run is still listed)
+    assert "| student_kd | 400 | 80.0 | 79.0 | 7 |" in md
+    assert "student_control has not been evaluated" in md
+    assert "cannot be told apart from the extra training steps" in md
+    assert "No confusion matrix of student_kd" in md
+    assert "(student_kd: no referring predictions)" in md
+    assert "(student_control: no dvclive logs)" not in md  # its logs exist even though it was not evaluated
+    assert _is_png(tmp_path / "reports" / "figures" / "grounding.png")
+    assert not (tmp_path / "reports" / "figures" / "confusion_student_kd.png").exists()
+
+
+def test_stale_summary_is_flagged_and_nothing_evaluated_still_writes(tmp_path):
+    _fake_pipeline(tmp_path, ("student_kd",))
+    (tmp_path / "metrics" / "student_kd.json").write_text(json.dumps({"headline": {"scene_OA": 0.1}}))
+    md = write_report(tmp_path).read_text()
+    assert "warning:" in md and "scene OA" in md.split("warning:")[1].splitlines()[0]
+    assert "student_sft has not been evaluated" in md
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    md = write_report(empty).read_text()
+    assert "No model has been evaluated yet" in md and "No training curves" in md
+    assert "there is no box figure" in md
+
+
+def test_noise_band_and_verdicts():
+    # Two standard errors of the difference of two proportions, in points.
+    assert noise_band(0.5, 0.5, 100, 100) == pytest.approx(200 * math.sqrt(0.005))
+    assert noise_band(0.0, 0.0, 10, 10) == 0.0
+    assert math.isinf(noise_band(0.5, 0.5, None, 100))
+    assert Delta("x", 0.01, 5.0, 10).verdict == "same"
+    assert Delta("x", 4.0, 5.0, 10).verdict == "within noise"
+    assert Delta("x", -6.0, 5.0, 10).verdict == "lower"
+    assert Delta("x", 100.0, 0.0, 10).verdict == "higher"  # 0 % vs 100 %: no noise at all
+    assert Delta("x", 3.0, math.inf, None).verdict == "within noise"
+
+
+def test_read_tsv(tmp_path):
+    f = tmp_path / "kl.tsv"
+    f.write_text("timestamp\tstep\tkl\n1700000000\t2\t0.5\n1700000001\t4\t0.25\n")
+    assert read_tsv(f) == ([2.0, 4.0], [0.5, 0.25])
+    f.write_text("step\tkl\n2\tnan?\n")
+    with pytest.raises(DataError, match="line 2"):
+        read_tsv(f)
+    f.write_text("kl\n0.5\n")
+    with pytest.raises(DataError, match="step"):
+        read_tsv(f)
