@@ -232,7 +232,13 @@ def _decode(sample: dict[str, Any], url: str) -> ImageSample:
 def iter_shard(path: Path) -> Iterator[ImageSample]:
     """Samples of one tar, in order."""
     url = str(path)
-    for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+    # Shards are split across ranks and workers by the callers (shards_for_rank, iter_samples); without
+    # nodesplitter=None webdataset refuses to run once a process group exists (torchrun: "you need to add
+    # an explicit nodesplitter"), and its default worker splitter would hand this one url to one worker.
+    dataset = wds.WebDataset(
+        url, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+    )
+    for sample in dataset:
         yield _decode(sample, url)
 
 

@@ -183,6 +183,8 @@ def run_distill(
     name: str = "distill",
 ) -> dict[str, Any]:
     """Distil the baseline in ``base_dir`` into ``out`` from the cache (+ the live teacher if on-policy)."""
+    train = cfg.train
+    torch.manual_seed(train.seed)  # before the feature adapter and LoRA are initialised: same run, same init
     student, tok, transform = load(base_dir, dtype=torch.float32)
     manifest = load_manifest(shards / "train")
     teacher_config = json.loads((resolve(teacher_dir) / "config.json").read_text())
@@ -210,17 +212,16 @@ def run_distill(
             )
         teacher.eval().requires_grad_(False)
 
-    train = cfg.train
     collator = Collator(tok, transform, n_img, train.max_len)
     pt_texts = read_pretrain(Path("data/prepared")) if cfg.pt_weight > 0 else []
     d = Dist.from_env()
-    rng = random.Random(f"pt-{train.seed}-{d.rank}")
     generator = torch.Generator().manual_seed(train.seed + 1000 * d.rank)
-    torch.manual_seed(train.seed)
 
     def step_fn(examples: list[Example], step: int) -> dict[str, torch.Tensor]:
         batch = collator(examples)
         targets = gather_targets(reader, examples, batch)
+        # Seeded by step, not one running RNG: a resumed run draws the same L_PT batches.
+        rng = random.Random(f"pt-{train.seed}-{d.rank}-{step}")
         pt = pretrain_batch(pt_texts, rng, cfg.pt_batch_size, tok, train.max_len) if pt_texts else None
         terms = offline_terms(kd, batch, targets, cfg, cache_cfg.pooling, pt)
         if teacher is not None and step % cfg.onpolicy.every == 0:

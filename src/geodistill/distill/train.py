@@ -31,10 +31,10 @@ CKPT = "checkpoint"
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.1 at the last step."""
+    """Linear warm-up to 1, then cosine decay to 0.1 at the last step (``step = cfg.steps - 1``)."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
+    span = max(1, cfg.steps - 1 - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -48,13 +48,43 @@ class LoopResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "generator": None if generator is None else generator.get_state(),
+    }
+
+
+def _gather_rng(generator: torch.Generator | None, dctx: Dist) -> list[dict[str, Any]]:
+    """Every rank's RNG states, indexed by rank (a collective: all ranks call it).
+
+    Ranks draw different randomness (e.g. on-policy sampling seeds by rank), so a checkpoint written
+    by rank 0 must hold each rank's own state for the resume to be exact.
+    """
+    state = _rng_state(generator)
+    if dctx.world_size == 1:
+        return [state]
+    states: list[Any] = [None] * dctx.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _restore_rng(states: list[dict[str, Any]], generator: torch.Generator | None, dctx: Dist) -> None:
+    state = states[dctx.rank % len(states)]  # another world size cannot resume exactly anyway
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+
+
 def _save_checkpoint(
     out: Path,
     module: nn.Module,
     opt: torch.optim.Optimizer,
     step: int,
     skipped: int,
-    gen: torch.Generator | None,
+    rng: list[dict[str, Any]],
     run_key: str,
 ) -> None:
     """Write to a temporary folder, then swap it in: a kill at any point leaves a usable checkpoint."""
@@ -67,9 +97,7 @@ def _save_checkpoint(
         "skipped": skipped,
         "model": {k: v for k, v in module.state_dict().items()},
         "optimizer": opt.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "generator": None if gen is None else gen.get_state(),
+        "rng": rng,  # per rank
     }
     torch.save(state, tmp / "state.pt")
     if final.exists():
@@ -87,7 +115,7 @@ def _load_checkpoint(out: Path) -> dict[str, Any] | None:
 
 
 def _all_finite(loss: torch.Tensor, dctx: Dist) -> bool:
-    ok = torch.tensor([float(torch.isfinite(loss).all())])
+    ok = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)  # nccl needs it on the GPU
     if dctx.world_size > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips together, or none does
     return bool(ok.item())
@@ -149,13 +177,15 @@ def run_loop(
             if (ckpt_dir / "latest").exists() and key_file.exists() and key_file.read_text() == run_key:
                 _, client = engine.load_checkpoint(str(ckpt_dir))
                 start, skipped = client["step"], client["skipped"]
-        elif (state := _load_checkpoint(out_dir)) is not None and state.get("run_key") == run_key:
+                _restore_rng(client["rng"], generator, dctx)
+        elif (
+            (state := _load_checkpoint(out_dir)) is not None
+            and state.get("run_key") == run_key
+            and "rng" in state
+        ):
             module.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            random.setstate(state["python_rng"])
-            if generator is not None and state["generator"] is not None:
-                generator.set_state(state["generator"])
+            _restore_rng(state["rng"], generator, dctx)
             start, skipped = state["step"], state["skipped"]
     for _ in range(start):  # same data position as the uninterrupted run
         next(batches)
@@ -203,12 +233,14 @@ def run_loop(
             if logger is not None and dctx.is_main:
                 logger(done, values)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            rng = _gather_rng(generator, dctx)
             if engine is not None:
-                engine.save_checkpoint(str(out_dir / CKPT), client_state={"step": done, "skipped": skipped})
+                client = {"step": done, "skipped": skipped, "rng": rng}
+                engine.save_checkpoint(str(out_dir / CKPT), client_state=client)
                 if dctx.is_main:
                     (out_dir / CKPT / "run_key.txt").write_text(run_key)
             elif dctx.is_main:
-                _save_checkpoint(out_dir, module, opt, done, skipped, generator, run_key)
+                _save_checkpoint(out_dir, module, opt, done, skipped, rng, run_key)
             if dctx.world_size > 1:
                 dist.barrier()
     result.steps = cfg.steps

@@ -1,0 +1,118 @@
+"""Tiny end-to-end fixtures for the distillation tests: data, tokenizer, teacher, student, teacher cache.
+
+One session-scoped workspace laid out like the pipeline's (``data/prepared``, ``data/shards/{train,val}``,
+``models/{teacher,student_sft}``, ``data/teacher_cache.zarr``), built in ~3 s: 12 synthetic 32 px scenes
+(88 training records), a 400-token BPE, a 64-wide teacher and a 32-wide student (2 LLM layers, a 3-layer
+32-wide CLIP tower, 16 image tokens). Tests that run a stage-like function ``chdir`` into a fresh folder
+that sees the workspace's ``data/prepared`` (``run_distill`` reads the L_PT corpus from that relative path).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from geodistill.cache.build import build_cache
+from geodistill.config import CacheConfig, DataConfig, LlavaArch, SyntheticConfig
+from geodistill.data.prepare import image_root, prepare
+from geodistill.data.shards import write_shards
+from geodistill.data.template import SYSTEM
+from geodistill.models.checkpoints import write_fingerprint
+from geodistill.models.factory import ImageTransform, build_llava, save_llava
+from geodistill.models.tokenizer import build_tokenizer
+
+TEACHER_ARCH = LlavaArch(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    vision_hidden_size=32,
+    vision_intermediate_size=64,
+    vision_layers=3,
+    vision_heads=4,
+    image_size=32,
+    patch_size=8,
+    max_position_embeddings=512,
+)
+STUDENT_ARCH = LlavaArch(
+    **{**TEACHER_ARCH.__dict__, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_kv_heads": 2}
+)
+CACHE = CacheConfig(k=8, encoding="float16", pooling=1, batch_size=16)
+TEACHER_SHARPNESS = 20.0
+"""The random teacher's lm_head is scaled by this: a near-uniform teacher (max prob ~ 1/V) would make
+KL values nearly position-independent, so a misaligned cache could pass an alignment test."""
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    prepared: Path  # data/prepared
+    shards: Path  # data/shards (train/, val/)
+    teacher: Path  # models/teacher
+    student: Path  # models/student_sft
+    cache: Path  # data/teacher_cache.zarr, built with CACHE
+    cache_cfg: CacheConfig
+
+
+def _corpus(prepared: Path) -> Iterator[str]:
+    """What stages/tokenizer.py trains on."""
+    yield from [SYSTEM + " USER: ", " ASSISTANT: "] * 20
+    for split in ("train.jsonl", "pretrain.jsonl"):
+        for line in (prepared / split).open():
+            obj = json.loads(line)
+            if "text" in obj:
+                yield obj["text"]
+            for turn in obj.get("conversations", []):
+                yield turn["value"].replace("<image>", "")
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    root = tmp_path_factory.mktemp("workspace")
+    prepared, shards = root / "data/prepared", root / "data/shards"
+    data = DataConfig(
+        synthetic=SyntheticConfig(
+            image_size=32, grid=4, train_images=12, val_images=3, test_images=1, pretrain_texts=20
+        )
+    )
+    prepare(data, prepared)
+    for split in ("train", "val"):
+        # 5 images per shard: 3 training shards, so rank splits and multi-shard cache reads are exercised
+        write_shards(
+            prepared / f"{split}.jsonl", image_root(prepared), shards / split, maxcount=5, maxsize=10**9
+        )
+    tok = build_tokenizer(_corpus(prepared), 400)
+    transform = ImageTransform(TEACHER_ARCH.image_size)
+    teacher = build_llava(TEACHER_ARCH, tok, seed=0)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(TEACHER_SHARPNESS)
+    student = build_llava(STUDENT_ARCH, tok, seed=1)
+    ws = Workspace(
+        root,
+        prepared,
+        shards,
+        root / "models/teacher",
+        root / "models/student_sft",
+        root / "data/teacher_cache.zarr",
+        CACHE,
+    )
+    for model, out in ((teacher, ws.teacher), (student, ws.student)):
+        save_llava(model, tok, transform, out)
+        write_fingerprint(out)
+    build_cache(ws.teacher, shards / "train", ws.cache, CACHE, progress=False)
+    return ws
+
+
+@pytest.fixture
+def kd_cwd(workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working folder whose ``data/prepared`` is the workspace's (dvclive/, checkpoints/ go here)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/prepared").symlink_to(workspace.prepared)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

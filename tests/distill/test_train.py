@@ -1,0 +1,576 @@
+"""The shared training loop, the batch order, and distillation end to end on tiny models (CPU).
+
+Fast tests: the learning-rate schedule; ``run_loop`` on a toy module (exact resume, run keys, non-finite
+losses); ``shuffled_batches``; ``run_distill`` on the tiny workspace of conftest.py (loss terms, export,
+teacher loading, on-policy, LoRA, resume); the cache-to-student alignment of ``gather_targets``.
+Slow tests (``pytest -m slow``): two processes under torchrun (gloo): plain DDP and DeepSpeed ZeRO-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from geodistill.cache.build import build_cache, cache_fingerprint, record_key
+from geodistill.cache.store import CacheReader
+from geodistill.config import (
+    CacheConfig,
+    DistillConfig,
+    LoraConfig,
+    OnPolicyConfig,
+    StudentConfig,
+    TrainConfig,
+)
+from geodistill.data.collate import shuffled_batches
+from geodistill.data.shards import load_manifest
+from geodistill.distill import kd, sft
+from geodistill.distill.kd import gather_targets, run_distill
+from geodistill.distill.losses import distill_kl, reverse_kl
+from geodistill.distill.sft import Collator, sft_stage
+from geodistill.distill.train import LoopResult, lr_factor, run_loop
+from geodistill.errors import CacheError, TrainingError
+from geodistill.models.checkpoints import load
+from geodistill.models.factory import num_image_tokens
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+# ------------------------------------------------------------------------------------ lr schedule
+
+
+def test_lr_warmup_then_cosine_to_floor_at_last_step():
+    cfg = TrainConfig(steps=21, warmup=4, lr=1.0)
+    f = [lr_factor(s, cfg) for s in range(cfg.steps)]
+    assert f[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # linear warm-up to the peak, decay from 4
+    assert all(a >= b for a, b in itertools.pairwise(f[4:]))  # non-increasing after the warm-up
+    assert f[12] == pytest.approx(0.55)  # half-way through the cosine: half-way to the floor
+    assert f[-1] == pytest.approx(0.1)  # the floor is reached at the last step
+    assert min(f) >= 0.1 - 1e-12
+    assert lr_factor(100, cfg) == pytest.approx(0.1)  # past the end: stays at the floor
+    assert lr_factor(0, TrainConfig(steps=5, warmup=0)) == pytest.approx(1.0)  # no warm-up: start at peak
+
+
+# ------------------------------------------------------------------------------------ run_loop (toy)
+
+
+class Toy(nn.Module):
+    """A small MLP with dropout, so the global RNG matters to the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def toy_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic endless batches (a fresh iterator replays them from the start)."""
+    i = 0
+    while True:
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(8, 4, generator=g)
+        yield x, torch.sin(3 * x.sum(-1, keepdim=True))
+        i += 1
+
+
+class Crash(Exception):
+    pass
+
+
+LOOP = TrainConfig(steps=8, batch_size=8, lr=0.05, warmup=2, log_every=1, checkpoint_every=2)
+
+
+def toy_run(
+    out: Path,
+    logged: list[dict[str, float]],
+    *,
+    cfg: TrainConfig = LOOP,
+    crash_at: int | None = None,
+    bad: dict[int, float] | None = None,
+    key: str = "a",
+) -> tuple[Toy, LoopResult]:
+    """run_loop on a fresh Toy; the step function also draws from its own checkpointed generator."""
+    model = Toy()
+    gen = torch.Generator().manual_seed(7)
+
+    def step_fn(batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        if step == crash_at:
+            raise Crash
+        x, y = batch
+        noise = 0.1 * torch.randn(y.shape, generator=gen)  # (8, 1)
+        loss = F.mse_loss(model(x), y + noise)
+        if bad and step in bad:
+            loss = loss * bad[step]
+        return {"loss": loss, "mse": loss.detach()}
+
+    result = run_loop(
+        model,
+        toy_batches(),
+        step_fn,
+        cfg,
+        out,
+        logger=lambda _s, v: logged.append(v),
+        generator=gen,
+        run_key=key,
+    )
+    return model, result
+
+
+def weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.fixture
+def uninterrupted(tmp_path: Path) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    torch.manual_seed(0)
+    logged: list[dict[str, float]] = []
+    model, _ = toy_run(tmp_path / "ref", logged)
+    return weights(model), logged
+
+
+@pytest.mark.parametrize("survivor", ["checkpoint", "checkpoint.old"])
+def test_run_loop_resumes_exactly(tmp_path, uninterrupted, survivor):
+    ref_w, ref_log = uninterrupted
+    assert [v["step"] for v in ref_log] == list(range(1, 9))
+    out = tmp_path / "run"
+    logged: list[dict[str, float]] = []
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        toy_run(out, logged, crash_at=4)  # steps 0-3 done, checkpoint after step 4 (checkpoint_every=2)
+    assert [v["step"] for v in logged] == [1, 2, 3, 4]
+    if survivor == "checkpoint.old":  # killed between the two renames of _save_checkpoint
+        (out / "checkpoint").rename(out / "checkpoint.old")
+    torch.manual_seed(1234)  # the resumed process has other RNG state: the checkpoint must restore it
+    random.seed(1234)
+    model, result = toy_run(out, logged)
+    assert [v["step"] for v in result.history] == [5, 6, 7, 8]
+    assert logged == ref_log  # same losses, lr and steps, bit for bit
+    assert torch.equal(weights(model), ref_w)
+
+
+def test_checkpoint_of_another_run_key_is_not_resumed(tmp_path, uninterrupted):
+    ref_w, ref_log = uninterrupted
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        toy_run(out, [], crash_at=4, key="a")
+    assert (out / "checkpoint").exists()
+    logged: list[dict[str, float]] = []
+    torch.manual_seed(0)
+    model, result = toy_run(out, logged, key="b")
+    assert result.history[0]["step"] == 1  # started over
+    assert logged == ref_log and torch.equal(weights(model), ref_w)
+
+
+def test_lr_logged_follows_schedule(uninterrupted):
+    _, ref_log = uninterrupted
+    for v in ref_log:
+        assert v["lr"] == pytest.approx(LOOP.lr * lr_factor(int(v["step"]) - 1, LOOP))
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
+    logged: list[dict[str, float]] = []
+    cfg = dataclasses.replace(LOOP, max_nonfinite=2)
+    model, result = toy_run(tmp_path, logged, cfg=cfg, bad={2: math.nan, 5: math.inf})
+    assert result.skipped_nonfinite == 2 and result.steps == cfg.steps
+    assert [v["step"] for v in logged] == [1, 2, 4, 5, 7, 8]  # steps 3 and 6 (indices 2, 5) skipped
+    assert torch.isfinite(weights(model)).all()
+    assert all(math.isfinite(v["loss"]) for v in logged)
+
+
+def test_too_many_nonfinite_losses_abort(tmp_path):
+    cfg = dataclasses.replace(LOOP, max_nonfinite=1)
+    with pytest.raises(TrainingError, match=r"2 non-finite losses.*max_nonfinite=1.*step 3"):
+        toy_run(tmp_path, [], cfg=cfg, bad={1: math.nan, 3: math.nan})
+
+
+def test_nothing_to_train_is_an_error(tmp_path):
+    model = Toy().requires_grad_(False)
+    with pytest.raises(TrainingError, match="frozen"):
+        run_loop(model, toy_batches(), lambda b, s: {"loss": model(b[0]).sum()}, LOOP, tmp_path)
+
+
+# ------------------------------------------------------------------------------------ batch order
+
+
+def keys(batch: list) -> list[str]:
+    return [record_key(ex.sample_key, ex.index) for ex in batch]
+
+
+def take(it: Iterator[list], n: int) -> list[list[str]]:
+    return [keys(next(it)) for _ in range(n)]
+
+
+def test_shuffled_batches_deterministic_and_partial_batches_carry_over(workspace):
+    train = workspace.shards / "train"
+    n_records = load_manifest(train)["totals"]["records"]
+    assert n_records % 7 != 0  # batch 7 leaves a partial batch at each epoch end
+    n_batches = 2 * n_records // 7 + 1
+    a = take(shuffled_batches(train, 7, seed=3), n_batches)
+    assert a == take(shuffled_batches(train, 7, seed=3), n_batches)
+    assert a != take(shuffled_batches(train, 7, seed=4), n_batches)
+    assert all(len(b) == 7 for b in a)  # never a short batch: the partial one is filled from the next epoch
+    stream = [k for b in a for k in b]
+    epoch0, epoch1 = stream[:n_records], stream[n_records : 2 * n_records]
+    assert len(set(epoch0)) == len(set(epoch1)) == n_records  # every record once per epoch, none dropped
+    assert set(epoch0) == set(epoch1) and epoch0 != epoch1  # each epoch reshuffled
+    boundary = a[n_records // 7]  # the batch that straddles the two epochs
+    assert set(boundary[: n_records % 7]) <= set(epoch0) and set(boundary[n_records % 7 :]) <= set(epoch1)
+
+
+def test_shuffled_batches_split_records_across_ranks(workspace):
+    train = workspace.shards / "train"
+    n_records = load_manifest(train)["totals"]["records"]
+    seen = [
+        set(k for b in take(shuffled_batches(train, 1, 0, rank=r, world_size=2), 30) for k in b)
+        for r in (0, 1)
+    ]
+    assert not seen[0] & seen[1]
+    full = {k for b in take(shuffled_batches(train, 1, 0), n_records) for k in b}
+    assert len(full) == n_records
+
+
+def test_control_and_distill_see_the_same_batches(workspace, kd_cwd, monkeypatch):
+    """stages/student_control.py (sft_stage with distill.train) and run_distill: one batch order."""
+    train = TrainConfig(steps=14, batch_size=8, seed=5, max_len=512)
+    seen: dict[str, list[list[str]]] = {}
+
+    def recording_loop(name: str):
+        def fake(module, batches, step_fn, cfg, out_dir, **kw) -> LoopResult:
+            seen[name] = take(batches, cfg.steps)
+            return LoopResult(cfg.steps, 0, 0.0)
+
+        return fake
+
+    monkeypatch.setattr(sft, "run_loop", recording_loop("control"))
+    monkeypatch.setattr(kd, "run_loop", recording_loop("distill"))
+    student, tok, transform = load(workspace.student, dtype=torch.float32)
+    sft_stage(
+        student, tok, transform, train, workspace.shards, kd_cwd / "control", name="student_control", key="k"
+    )
+    run_distill(
+        DistillConfig(train=train), workspace.cache_cfg, StudentConfig(), **paths(workspace, kd_cwd / "kd")
+    )
+    assert seen["control"] == seen["distill"]
+    assert len({k for b in seen["control"] for k in b}) > 80  # more than an epoch of 88 records
+
+
+# ------------------------------------------------------------------------------------ run_distill
+
+
+def paths(ws, out: Path) -> dict[str, Path]:
+    return dict(shards=ws.shards, cache_path=ws.cache, base_dir=ws.student, teacher_dir=ws.teacher, out=out)
+
+
+def tiny_distill(**changes: Any) -> DistillConfig:
+    train = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup=1, log_every=1, max_len=512)
+    return dataclasses.replace(DistillConfig(pt_batch_size=4, train=train), **changes)
+
+
+@pytest.fixture
+def load_calls(monkeypatch) -> list[Path]:
+    """Every model folder run_distill loads (its student, and the teacher only for on-policy)."""
+    calls: list[Path] = []
+
+    def recording_load(model_dir, **kwargs):
+        calls.append(Path(model_dir).resolve())
+        return load(model_dir, **kwargs)
+
+    monkeypatch.setattr(kd, "load", recording_load)
+    return calls
+
+
+def read_metric(cwd: Path, name: str) -> list[float]:
+    tsv = cwd / "dvclive/distill/plots/metrics" / f"{name}.tsv"
+    rows = tsv.read_text().splitlines()[1:]
+    return [float(r.split("\t")[-1]) for r in rows]
+
+
+def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def test_run_distill_end_to_end(workspace, kd_cwd, load_calls):
+    out = kd_cwd / "student_kd"
+    summary = run_distill(tiny_distill(), workspace.cache_cfg, StudentConfig(), **paths(workspace, out))
+    assert summary["steps"] == 3 and summary["skipped_nonfinite"] == 0
+    for term in ("kl", "align", "pt", "loss"):
+        values = read_metric(kd_cwd, term)
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), term
+        assert math.isfinite(summary["train"][term])
+    assert summary["train"]["kl"] > 0 and summary["train"]["align"] > 0
+    assert not any(k.startswith("onpolicy") for k in summary["train"])
+    assert math.isfinite(summary["val"]["loss"])
+    # the teacher model was never loaded: everything came from the cache
+    assert load_calls == [workspace.student.resolve()]
+    # a plain transformers checkpoint with exactly the student's weights (the feature adapter dropped)
+    model = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    base, trained = saved_tensors(workspace.student), saved_tensors(out)
+    assert set(trained) == set(base)
+    assert not any("adapter" in k or "lora" in k for k in trained)
+    assert any(not torch.equal(base[k], trained[k]) for k in base)  # it trained
+    assert model.config.text_config.hidden_size == 32
+    assert (out / "fingerprint.json").exists()
+    assert not (kd_cwd / "checkpoints/distill/checkpoint").exists()  # resumable state cleared
+
+
+def test_run_distill_onpolicy_terms(workspace, kd_cwd, load_calls):
+    onpolicy = OnPolicyConfig(enabled=True, every=1, batch_size=2, max_new_tokens=3)
+    summary = run_distill(
+        tiny_distill(onpolicy=onpolicy),
+        workspace.cache_cfg,
+        StudentConfig(),
+        **paths(workspace, kd_cwd / "out"),
+    )
+    assert workspace.teacher.resolve() in load_calls
+    for term in ("onpolicy_single", "onpolicy_long", "onpolicy_total", "onpolicy_w", "onpolicy_length"):
+        values = read_metric(kd_cwd, term)
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), term
+    assert 1 <= summary["train"]["onpolicy_length"] <= 3
+    assert summary["train"]["onpolicy_single"] >= 0
+
+
+def test_run_distill_lora_exports_merged_plain_model(workspace, kd_cwd):
+    out = kd_cwd / "student_kd"
+    student = StudentConfig(lora=LoraConfig(enabled=True, r=4, alpha=8))
+    run_distill(tiny_distill(), workspace.cache_cfg, student, **paths(workspace, out))
+    base, merged = saved_tensors(workspace.student), saved_tensors(out)
+    assert set(merged) == set(base)  # plain keys: no base_model.model. prefix, no lora_A/lora_B
+    LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    q = [k for k in base if "language_model" in k and "q_proj.weight" in k]
+    k_proj = [k for k in base if "language_model" in k and "k_proj.weight" in k]
+    assert q and all(not torch.equal(base[k], merged[k]) for k in q)  # the adapters were folded in
+    assert all(torch.equal(base[k], merged[k]) for k in k_proj)  # untouched by LoRA: frozen
+
+
+def test_run_distill_resumes_exactly(workspace, tmp_path, monkeypatch):
+    """Killed after a checkpoint and re-run: the same student as an uninterrupted run (L_PT batches too)."""
+    cfg = tiny_distill(train=dataclasses.replace(tiny_distill().train, steps=4, checkpoint_every=2))
+
+    def run_in(folder: Path) -> dict[str, torch.Tensor]:
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        if not (folder / "data/prepared").exists():
+            (folder / "data/prepared").symlink_to(workspace.prepared)
+        monkeypatch.chdir(folder)
+        run_distill(cfg, workspace.cache_cfg, StudentConfig(), **paths(workspace, folder / "out"))
+        return saved_tensors(folder / "out")
+
+    reference = run_in(tmp_path / "a")
+    offline = kd.offline_terms
+
+    def crash_at_step_3(kd_module, batch, targets, cfg_, pool, pt):
+        crash_at_step_3.calls += 1
+        if crash_at_step_3.calls == 4:
+            raise Crash
+        return offline(kd_module, batch, targets, cfg_, pool, pt)
+
+    crash_at_step_3.calls = 0
+    monkeypatch.setattr(kd, "offline_terms", crash_at_step_3)
+    with pytest.raises(Crash):
+        run_in(tmp_path / "b")
+    assert (tmp_path / "b/checkpoints/distill/checkpoint/state.pt").exists()
+    monkeypatch.setattr(kd, "offline_terms", offline)
+    torch.manual_seed(99)
+    resumed = run_in(tmp_path / "b")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+# ------------------------------------------------------------------------------------ gather_targets
+
+
+@pytest.fixture(scope="module")
+def full_cache(workspace, tmp_path_factory) -> tuple[CacheReader, CacheConfig]:
+    """A cache of the same teacher with k = V: its top-k is the whole distribution."""
+    tok = load(workspace.student)[1]
+    cfg = dataclasses.replace(workspace.cache_cfg, k=len(tok))
+    path = tmp_path_factory.mktemp("full") / "cache.zarr"
+    build_cache(workspace.teacher, workspace.shards / "train", path, cfg, progress=False)
+    manifest = load_manifest(workspace.shards / "train")
+    fp = cache_fingerprint(workspace.teacher, manifest, cfg, len(tok), 512)
+    return CacheReader(path, fp, manifest, max_shards=None), cfg
+
+
+@pytest.mark.parametrize("max_len", [512, 110])
+def test_gather_targets_aligns_cache_rows_with_student_positions(workspace, full_cache, max_len):
+    reader, _ = full_cache
+    student, tok, transform = load(workspace.student, dtype=torch.float32)
+    teacher = load(workspace.teacher, dtype=torch.float32)[0]
+    examples = [ex for b in take_examples(workspace, 2) for ex in b]  # 16 records from several shards
+    batch = Collator(tok, transform, num_image_tokens(student), max_len)(examples)
+    if max_len == 110:
+        assert batch.truncated > 0  # the student sees fewer answer tokens than were cached
+    targets = gather_targets(reader, examples, batch)
+    mask = targets.kl_mask  # (B, T-1)
+    assert targets.topk_ids.shape == (int(mask.sum()), len(tok))
+    with torch.no_grad():
+        q_logits = student(**model_inputs(batch)).logits[:, :-1]  # (B, T-1, V)
+        p_logits = teacher(**model_inputs(batch)).logits[:, :-1]
+    log_q = q_logits[mask].log_softmax(-1)  # (M, V)
+    log_p = p_logits[mask].log_softmax(-1)
+    direct = (log_q.exp() * (log_q - log_p)).sum(-1)  # (M,) exact reverse KL per supervised token
+    cached = reverse_kl(q_logits[mask], targets.topk_ids, targets.topk_logprobs)  # (M,) k = V: exact
+    torch.testing.assert_close(cached, direct, rtol=2e-3, atol=2e-3)  # float16 cache values
+    mean = distill_kl("reverse", q_logits, targets.topk_ids, targets.topk_logprobs, mask)
+    torch.testing.assert_close(mean, direct.mean(), rtol=2e-3, atol=2e-3)
+    # the comparison can tell: rows shifted by one token are far off
+    shifted = reverse_kl(q_logits[mask], targets.topk_ids.roll(1, 0), targets.topk_logprobs.roll(1, 0))
+    assert (shifted - direct).abs().max() > 1.0
+    assert direct.mean() > 1.0  # a sharp teacher, far from the random student
+
+
+def take_examples(ws, n: int) -> list[list]:
+    it = shuffled_batches(ws.shards / "train", 8, seed=0)
+    return [next(it) for _ in range(n)]
+
+
+def model_inputs(batch) -> dict[str, torch.Tensor]:
+    return dict(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+    )
+
+
+def test_gather_targets_refuses_a_stale_cache(workspace):
+    """More supervised tokens than cached rows means another tokenizer/template built the cache."""
+    student, tok, transform = load(workspace.student, dtype=torch.float32)
+    manifest = load_manifest(workspace.shards / "train")
+    fp = cache_fingerprint(workspace.teacher, manifest, workspace.cache_cfg, len(tok), 512)
+    reader = CacheReader(workspace.cache, fp, manifest)
+
+    class ShortReader:
+        def tokens(self, keys):
+            return [
+                dataclasses.replace(t, ids=t.ids[:-1], logprobs=t.logprobs[:-1]) for t in reader.tokens(keys)
+            ]
+
+        def features(self, keys) -> np.ndarray:
+            return reader.features(keys)
+
+    examples = take_examples(workspace, 1)[0]
+    batch = Collator(tok, transform, num_image_tokens(student), 512)(examples)
+    gather_targets(reader, examples, batch)  # the real cache fits
+    with pytest.raises(CacheError, match="stale"):
+        gather_targets(ShortReader(), examples, batch)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ two processes
+
+
+def load_worker():
+    spec = importlib.util.spec_from_file_location("dist_worker", WORKER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torchrun(*args: str, cwd: Path | None = None, timeout: int = 110) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+    ]
+    proc = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def single_process_reference(tmp_path: Path) -> torch.Tensor:
+    w = load_worker()
+    model = w.toy_model()
+    run_loop(model, w.toy_batches(0, 1), w.toy_step(model), w.TOY, tmp_path / "ref", run_key="toy")
+    return w.flat(model)
+
+
+def check_ranks_match_reference(out: Path, reference: torch.Tensor) -> None:
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # the replicas never diverge
+    # two halves of a batch with averaged gradients = the whole batch in one process (even after a resume)
+    torch.testing.assert_close(ranks[0]["weights"], reference, rtol=0, atol=1e-6)
+    assert [v["step"] for v in ranks[0]["history"]] == [
+        1,
+        2,
+        3,
+        3,
+        4,
+        5,
+        6,
+    ]  # crashed in step 4, resumed at 3
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_same_weights_as_one(tmp_path):
+    torchrun("toy", str(tmp_path), "--crash-at", "3")
+    check_ranks_match_reference(tmp_path, single_process_reference(tmp_path))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_same_weights_as_one(tmp_path):
+    """ZeRO-2 (fp32, torch AdamW, gloo): the first use JIT-builds DeepSpeed's shm op (~90 s, then cached)."""
+    torchrun("toy", str(tmp_path), "--deepspeed", "2", "--crash-at", "3", timeout=180)
+    check_ranks_match_reference(tmp_path, single_process_reference(tmp_path))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_run_distill(workspace, kd_cwd):
+    train = TrainConfig(
+        steps=4, batch_size=4, lr=1e-3, warmup=1, log_every=1, checkpoint_every=2, max_len=512
+    )
+    cfg = tiny_distill(train=train, deepspeed=dataclasses.replace(DistillConfig().deepspeed, enabled=True))
+    args = {
+        "distill": dataclasses.asdict(cfg),
+        "cache": dataclasses.asdict(workspace.cache_cfg),
+        "student": dataclasses.asdict(StudentConfig()),
+        **{k: str(v) for k, v in paths(workspace, kd_cwd).items() if k != "out"},
+    }
+    torchrun("distill", str(kd_cwd), json.dumps(args), cwd=kd_cwd, timeout=180)
+    ranks = [torch.load(kd_cwd / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+    for r in ranks:
+        assert r["summary"]["steps"] == 4 and r["summary"]["skipped_nonfinite"] == 0
+        assert all(math.isfinite(r["summary"]["train"][t]) for t in ("kl", "align", "pt", "loss"))
+    LlavaForConditionalGeneration.from_pretrained(kd_cwd / "student_kd", local_files_only=True)
+    assert set(saved_tensors(kd_cwd / "student_kd")) == set(saved_tensors(workspace.student))
+
+
+# ------------------------------------------------------------------------------------ benchmark
+
+
+def test_bench_distill_smoke(capsys):
+    """``python -m geodistill.bench.distill`` runs end to end (tiny sizes) and prints its table."""
+    from geodistill.bench.distill import main
+
+    params = Path(__file__).parents[2] / "params.yaml"
+    tiny = ["--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--repeats", "1", "--images", "3"]
+    main([*tiny, "--params", str(params)])
+    out = capsys.readouterr().out
+    assert "kd-cache" in out and "kd-live" in out
+    row = out.strip().splitlines()[-1].split()  # batch, sft s/step, then "<s/step> (<ratio>x)" per variant
+    assert row[0] == "2" and float(row[1]) > 0 and row[3].endswith("x)")
