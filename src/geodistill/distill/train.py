@@ -261,10 +261,13 @@ def dvclive_logger(
     """A logger for ``run_loop`` writing dvclive metrics and plots to ``directory``; returns (log, live).
 
     Call ``live.end()`` after training. DVC itself tracks the folder (dvc.yaml), so dvclive must not
-    create experiments or edit dvc.yaml.
+    create experiments or edit dvc.yaml. Only rank 0 writes: other ranks get a logger that keeps
+    nothing, so they never race on the same files.
     """
     from dvclive import Live
 
+    if not Dist.from_env().is_main:
+        return (lambda _step, _values: None), _NullLive()
     live = Live(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None)
 
     def log(step: int, values: dict[str, float]) -> None:
@@ -274,3 +277,13 @@ def dvclive_logger(
                 live.log_metric(name, value)
 
     return log, live
+
+
+class _NullLive:
+    """What non-zero ranks get instead of a dvclive.Live."""
+
+    def __init__(self) -> None:
+        self.summary: dict[str, Any] = {}
+
+    def end(self) -> None:
+        pass
