@@ -9,13 +9,22 @@ Work is split by shard: rank r of W builds shards r, r+W, ... (``torchrun --npro
 shard group is written by one process and marked complete last, so a killed run resumes by rebuilding
 only incomplete groups. Records are batched within a shard in order, so the content is the same for
 any number of ranks.
+
+Writing must not slow the teacher down (``python -m geodistill.bench.cache`` measures it). On a GPU the
+forward runs asynchronously, so reading + collating the next batch and encoding + writing the previous
+one run in two background threads meanwhile. On CPU those threads compete with the forward for the
+same cores and the GIL: on 2 shared cores the overlapped loop was no faster than the sequential one
+(0.86-1.02 vs 0.92-1.04 of a bare forward over 4 bench runs, within the machine's noise), so there the
+simpler sequential loop runs; its read + collate + write cost ~5 % of the embedded teacher's forward.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +33,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from geodistill.cache.store import CacheWriter, make_fingerprint
+from geodistill.cache.store import CacheWriter, ShardWriter, make_fingerprint
 from geodistill.config import CacheConfig
-from geodistill.data.collate import Example, collate
+from geodistill.data.collate import IGNORE, Batch, Example, collate
 from geodistill.data.shards import iter_shard, load_manifest, manifest_hash, shards_for_rank
 from geodistill.data.template import TEMPLATE_NAME
 from geodistill.distributed import Dist
+from geodistill.errors import CacheError
 from geodistill.models.checkpoints import load, model_fingerprint
 from geodistill.models.factory import capture_projector, num_image_tokens
 from geodistill.models.features import pool_image_features
@@ -57,56 +67,150 @@ def cache_fingerprint(
     )
 
 
+# ------------------------------------------------------------------------------- teacher signals
+
+
 @dataclass
 class TeacherOutput:
-    """Per-record top-k signals of one batch, plus per-row projector features."""
+    """One batch's teacher signals: the supervised rows of every record, concatenated in batch order."""
 
-    topk_ids: list[np.ndarray]  # per record (n, k) int64
-    topk_logprobs: list[np.ndarray]  # per record (n, k) float32
-    target_logprob: list[np.ndarray]  # per record (n,) float32
-    features: torch.Tensor  # (B, P', D) float32, pooled
+    counts: list[int]  # (B,) supervised tokens of each record
+    topk_ids: np.ndarray  # (N, k) int64, N = sum(counts)
+    topk_logprobs: np.ndarray  # (N, k) float32, descending, normalised over the full vocabulary
+    target_logprob: np.ndarray  # (N,) float32, log-prob of the ground-truth token
+    features: np.ndarray | None = None  # (B, P', D) float32 pooled projector outputs; None: no images
+
+    def per_record(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids (n, k), log-probs (n, k), target (n,)) of each record, as views."""
+        cuts = np.cumsum(self.counts)[:-1]
+        return zip(
+            np.split(self.topk_ids, cuts),
+            np.split(self.topk_logprobs, cuts),
+            np.split(self.target_logprob, cuts),
+            strict=True,
+        )
 
 
 @torch.inference_mode()
-def teacher_signals(model: torch.nn.Module, batch, k: int, pooling: int) -> TeacherOutput:
-    """Teacher-forced forward of one collated batch -> top-k signals at every supervised position."""
+def topk_signals(logits: torch.Tensor, labels: torch.Tensor, k: int) -> TeacherOutput:
+    """Top-k at every supervised position of a teacher-forced pass.
+
+    logits (B, T, V); labels (B, T) unshifted, IGNORE where nothing is predicted (position t of the
+    logits predicts token t + 1). Rows come out row-major: each record's answer tokens in turn order.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    sel = targets != IGNORE  # (B, T-1)
+    # Select before normalising: only the supervised positions (a few % of a LLaVA sequence) need the
+    # full-vocabulary log_softmax, and (B, T, V) float32 log-probs are gigabytes at GeoChat scale.
+    lp = torch.log_softmax(logits[:, :-1][sel].float(), dim=-1)  # (N, V)
+    top_lp, top_ids = lp.topk(k, dim=-1)  # (N, k), sorted descending
+    tgt = lp.gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)  # (N,)
+    return TeacherOutput(sel.sum(1).tolist(), top_ids.cpu().numpy(), top_lp.cpu().numpy(), tgt.cpu().numpy())
+
+
+@torch.inference_mode()
+def teacher_signals(model: torch.nn.Module, batch: Batch, k: int, pooling: int) -> TeacherOutput:
+    """Teacher-forced forward of one collated LLaVA batch -> top-k signals and pooled projector features."""
+    batch = batch.to(next(model.parameters()).device)
     with capture_projector(model) as cap:
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
         ).logits  # (B, T, V)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): position t predicts token t+1
-    targets = batch.labels[:, 1:]  # (B, T-1)
-    sel = targets != -100
-    lp_sel = logp[sel]  # (N, V) rows in row-major order = each record's assistant tokens in turn order
-    top_lp, top_ids = lp_sel.topk(min(k, lp_sel.shape[-1]), dim=-1)  # (N, k), sorted descending
-    tgt = lp_sel.gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)  # (N,)
-    counts = sel.sum(1).tolist()
-    ids_np, lps_np, tgt_np = top_ids.numpy(), top_lp.numpy(), tgt.numpy()
-    out = TeacherOutput([], [], [], pool_image_features(cap.features.float(), pooling))
-    start = 0
-    for n in counts:
-        out.topk_ids.append(ids_np[start : start + n])
-        out.topk_logprobs.append(lps_np[start : start + n])
-        out.target_logprob.append(tgt_np[start : start + n])
-        start += n
+    out = topk_signals(logits, batch.labels, k)
+    out.features = pool_image_features(cap.features.float(), pooling).cpu().numpy()  # (B, P', D)
     return out
 
 
-def _shard_batches(path: Path, batch_size: int) -> Iterator[tuple[list[Example], list[str], list[str]]]:
-    """(examples, record keys, image keys) chunks of one shard, in order."""
+# ------------------------------------------------------------------------------------- one shard
+
+
+@dataclass
+class KeyedBatch:
+    """A model batch with the cache keys of its records."""
+
+    batch: Any
+    """What the signals function takes (a collated :class:`Batch` for a LLaVA teacher)."""
+    record_keys: list[str]
+    image_keys: list[str] = field(default_factory=list)
+    """The image of each record (an image's records repeat its key); ignored when there are no features."""
+
+
+def shard_batches(
+    path: Path, batch_size: int, collate_fn: Callable[[list[Example]], Any]
+) -> Iterator[KeyedBatch]:
+    """Collated batches of one shard's records, in order."""
     chunk: list[Example] = []
-    keys: list[str] = []
-    images: list[str] = []
     for sample in iter_shard(path):
         for i, rec in enumerate(sample.records):
             chunk.append(Example(rec, sample.image_bytes, sample.key, i))
-            keys.append(record_key(sample.key, i))
-            images.append(sample.key)
             if len(chunk) == batch_size:
-                yield chunk, keys, images
-                chunk, keys, images = [], [], []
+                yield _keyed(chunk, collate_fn)
+                chunk = []
     if chunk:
-        yield chunk, keys, images
+        yield _keyed(chunk, collate_fn)
+
+
+def _keyed(chunk: list[Example], collate_fn: Callable[[list[Example]], Any]) -> KeyedBatch:
+    keys = [record_key(ex.sample_key, ex.index) for ex in chunk]
+    return KeyedBatch(collate_fn(chunk), keys, [ex.sample_key for ex in chunk])
+
+
+def build_shard(
+    signals: Callable[[Any], TeacherOutput],
+    batches: Iterable[KeyedBatch],
+    sw: ShardWriter,
+    *,
+    overlap: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> int:
+    """Run ``signals`` over one shard's batches and stream the results into ``sw``; returns tokens written.
+
+    With ``overlap``, batch i + 1 is read and collated and batch i - 1 encoded and written in background
+    threads while the teacher computes batch i. Writes stay in order with at most one in flight, so
+    memory is bounded and the content is the same as without overlap. ``on_batch(records, tokens)`` is
+    called after each batch is written. An error anywhere propagates (the shard is then left incomplete).
+    """
+    seen_images: set[str] = set()
+    tokens = 0
+
+    def write(kb: KeyedBatch, out: TeacherOutput) -> None:
+        nonlocal tokens
+        for key, (ids, lps, tgt) in zip(kb.record_keys, out.per_record(), strict=True):
+            sw.add_record(key, ids, lps, tgt)
+        if out.features is not None:
+            for row, image in enumerate(kb.image_keys):
+                # All records of an image share its features; store them once (the first record's).
+                if image not in seen_images:
+                    seen_images.add(image)
+                    sw.add_image(image, out.features[row])
+        tokens += len(out.target_logprob)
+        if on_batch is not None:
+            on_batch(len(kb.record_keys), len(out.target_logprob))
+
+    if not overlap:
+        for kb in batches:
+            write(kb, signals(kb.batch))
+        return tokens
+    source = iter(batches)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-cache") as pool:
+        upcoming = pool.submit(next, source, None)
+        written: Future[None] | None = None
+        while (kb := upcoming.result()) is not None:
+            upcoming = pool.submit(next, source, None)  # read + collate the next batch meanwhile
+            out = signals(kb.batch)
+            if written is not None:
+                written.result()  # one write in flight (re-raises its error here)
+            written = pool.submit(write, kb, out)
+        if written is not None:
+            written.result()
+    return tokens
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+
+def _device(dctx: Dist) -> torch.device:
+    return torch.device(f"cuda:{dctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def build_cache(
@@ -116,10 +220,13 @@ def build_cache(
     dctx = Dist.from_env()
     dctx.init()
     model, tok, transform = load(teacher_dir, dtype=torch.float32)
-    model.eval()
+    device = _device(dctx)
+    model.eval().to(device)
     manifest = load_manifest(shard_dir)
     n_img = num_image_tokens(model.config)
     max_len = int(model.config.text_config.max_position_embeddings)
+    if cfg.k > len(tok):
+        raise CacheError(f"cache.k = {cfg.k} exceeds the teacher's vocabulary ({len(tok)} tokens)")
     fp = cache_fingerprint(teacher_dir, manifest, cfg, len(tok), max_len)
     if dctx.is_main:
         writer = CacheWriter(out, fp)  # creates the root (or checks its fingerprint) before others open it
@@ -134,24 +241,24 @@ def build_cache(
     bar = tqdm(
         total=total_records, unit="rec", disable=not progress, desc=f"teacher cache (rank {dctx.rank})"
     )
-    tokens = 0
+    signals = functools.partial(teacher_signals, model, k=cfg.k, pooling=cfg.pooling)
+
+    def collate_fn(examples: list[Example]) -> Batch:
+        return collate(examples, tok, transform, n_img, max_len, tok.pad_token_id)
+
+    tokens = done = 0
     t0 = time.perf_counter()
+
+    def on_batch(n_records: int, n_tokens: int) -> None:
+        nonlocal done
+        done += n_tokens
+        bar.update(n_records)
+        bar.set_postfix(tok_s=f"{done / max(1e-9, time.perf_counter() - t0):.0f}")
+
     for name in todo:
-        seen_images: set[str] = set()
         with writer.shard(name) as sw:
-            for examples, keys, images in _shard_batches(shard_dir / name, cfg.batch_size):
-                batch = collate(examples, tok, transform, n_img, max_len, tok.pad_token_id)
-                sig = teacher_signals(model, batch, cfg.k, cfg.pooling)
-                feats = sig.features.numpy()
-                for row, key in enumerate(keys):
-                    sw.add_record(key, sig.topk_ids[row], sig.topk_logprobs[row], sig.target_logprob[row])
-                    tokens += len(sig.target_logprob[row])
-                    # All records of an image share its features; store them once (the first record's).
-                    if images[row] not in seen_images:
-                        seen_images.add(images[row])
-                        sw.add_image(images[row], feats[row])
-                bar.update(len(keys))
-                bar.set_postfix(tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):.0f}")
+            batches = shard_batches(shard_dir / name, cfg.batch_size, collate_fn)
+            tokens += build_shard(signals, batches, sw, overlap=device.type == "cuda", on_batch=on_batch)
     bar.close()
     if dctx.world_size > 1:
         dist.barrier()
