@@ -9,8 +9,6 @@ that sees the workspace's ``data/prepared`` (``run_distill`` reads the L_PT corp
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +17,8 @@ import torch
 
 from geodistill.cache.build import build_cache
 from geodistill.config import CacheConfig, DataConfig, LlavaArch, SyntheticConfig
-from geodistill.data.prepare import image_root, prepare
+from geodistill.data.prepare import image_root, prepare, tokenizer_corpus
 from geodistill.data.shards import write_shards
-from geodistill.data.template import SYSTEM
 from geodistill.models.checkpoints import write_fingerprint
 from geodistill.models.factory import ImageTransform, build_llava, save_llava
 from geodistill.models.tokenizer import build_tokenizer
@@ -60,18 +57,6 @@ class Workspace:
     cache_cfg: CacheConfig
 
 
-def _corpus(prepared: Path) -> Iterator[str]:
-    """What stages/tokenizer.py trains on."""
-    yield from [SYSTEM + " USER: ", " ASSISTANT: "] * 20
-    for split in ("train.jsonl", "pretrain.jsonl"):
-        for line in (prepared / split).open():
-            obj = json.loads(line)
-            if "text" in obj:
-                yield obj["text"]
-            for turn in obj.get("conversations", []):
-                yield turn["value"].replace("<image>", "")
-
-
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     root = tmp_path_factory.mktemp("workspace")
@@ -87,7 +72,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
         write_shards(
             prepared / f"{split}.jsonl", image_root(prepared), shards / split, maxcount=5, maxsize=10**9
         )
-    tok = build_tokenizer(_corpus(prepared), 400)
+    tok = build_tokenizer(tokenizer_corpus(prepared), 400)
     transform = ImageTransform(TEACHER_ARCH.image_size)
     teacher = build_llava(TEACHER_ARCH, tok, seed=0)
     with torch.no_grad():

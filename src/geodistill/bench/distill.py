@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,9 +46,8 @@ from geodistill.cache.build import build_cache, cache_fingerprint, teacher_signa
 from geodistill.cache.store import CacheReader
 from geodistill.config import CacheConfig, DataConfig, DistillConfig, load_section
 from geodistill.data.collate import Batch, Example, shuffled_batches
-from geodistill.data.prepare import image_root, prepare, read_pretrain
+from geodistill.data.prepare import image_root, prepare, read_pretrain, tokenizer_corpus
 from geodistill.data.shards import load_manifest, write_shards
-from geodistill.data.template import SYSTEM
 from geodistill.distill.kd import CachedTargets, KDModule, gather_targets, offline_terms, pretrain_batch
 from geodistill.distill.losses import make_adapter
 from geodistill.distill.sft import Collator, sft_step
@@ -84,18 +82,6 @@ class Setup:
     cache: CacheConfig
 
 
-def _corpus(prepared: Path) -> Iterator[str]:
-    """The tokenizer stage's corpus: the template, the conversations and the pretraining texts."""
-    yield from [SYSTEM + " USER: ", " ASSISTANT: "] * 100
-    for split in ("train.jsonl", "pretrain.jsonl"):
-        for line in (prepared / split).open():
-            obj = json.loads(line)
-            if "text" in obj:
-                yield obj["text"]
-            for turn in obj.get("conversations", []):
-                yield turn["value"].replace("<image>", "")
-
-
 def build_setup(root: Path, args: argparse.Namespace) -> Setup:
     """Synthetic data, tokenizer, models and the teacher cache under ``root`` (params.yaml settings)."""
     synth = load_section("data", args.params).synthetic
@@ -113,7 +99,7 @@ def build_setup(root: Path, args: argparse.Namespace) -> Setup:
         student, student_tok, _ = load(args.student, dtype=torch.float32)
         check_compatible(tok, student_tok)
     else:
-        tok = build_tokenizer(_corpus(prepared), load_section("tokenizer", args.params).vocab_size)
+        tok = build_tokenizer(tokenizer_corpus(prepared), load_section("tokenizer", args.params).vocab_size)
         t_arch, s_arch = load_section("teacher", args.params).arch, load_section("student", args.params).arch
         transform = ImageTransform(t_arch.image_size)
         teacher, student = build_llava(t_arch, tok, seed=0), build_llava(s_arch, tok, seed=1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from PIL import Image
 
 from geodistill.config import DataConfig
 from geodistill.data import synthetic
-from geodistill.data.records import Record, parse_record
+from geodistill.data.records import IMAGE_PLACEHOLDER, Record, parse_record
+from geodistill.data.template import SYSTEM
 from geodistill.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -169,6 +170,19 @@ def image_root(prepared: Path) -> Path:
     report = json.loads((prepared / REPORT).read_text())
     root = Path(report["image_root"])
     return root if root.is_absolute() else prepared / root
+
+
+def tokenizer_corpus(prepared: Path, template_repeats: int = 100) -> Iterator[str]:
+    """The texts a tokenizer is built from: the chat template, every conversation turn and D_PT."""
+    yield from [SYSTEM + " USER: ", " ASSISTANT: "] * template_repeats  # in every sequence: merge it well
+    for name in ("train.jsonl", "pretrain.jsonl"):
+        with (prepared / name).open() as f:
+            for line in f:
+                obj = json.loads(line)
+                if "text" in obj:
+                    yield obj["text"]
+                for turn in obj.get("conversations", []):
+                    yield turn["value"].replace(IMAGE_PLACEHOLDER, "")
 
 
 def read_pretrain(prepared: Path) -> list[str]:
