@@ -192,6 +192,8 @@ def run_loop(
 
     module.train()
     result = LoopResult(start, skipped, 0.0)
+    # Terms computed every N steps only (on-policy) rarely fall on a logged step: log their latest value.
+    latest: dict[str, float] = {}
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
@@ -227,7 +229,9 @@ def run_loop(
         values = {k: float(v.detach()) for k, v in terms.items()}
         values["lr"] = opt.param_groups[0]["lr"]
         result.last = values
+        latest.update(values)
         if done % cfg.log_every == 0 or done == cfg.steps:
+            values = dict(latest)
             values["step"] = done
             result.history.append(values)
             if logger is not None and dctx.is_main:
