@@ -1,4 +1,5 @@
-"""Shared test setup: one CPU thread (2-core machines collapse under OpenMP contention), no network."""
+"""Shared test setup: one CPU thread (2-core machines collapse under OpenMP contention), no network,
+and the one tiny LLaVA architecture every model test starts from."""
 
 import os
 
@@ -6,6 +7,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import dataclasses
+from collections.abc import Callable
+
+import pytest
 import torch
 
+from geodistill.config import LlavaArch
+
 torch.set_num_threads(1)
+
+TINY_ARCH = LlavaArch(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    vision_hidden_size=32,
+    vision_intermediate_size=64,
+    vision_layers=3,
+    vision_heads=4,
+    image_size=32,
+    patch_size=8,
+    max_position_embeddings=512,
+)
+"""A 2-layer, 64-wide LLM on a 3-layer 32-wide CLIP tower at 32 px (16 image tokens): builds in ms."""
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> Callable[..., LlavaArch]:
+    """``tiny_arch(**overrides)``: TINY_ARCH with some fields changed (e.g. a narrower student)."""
+
+    def make(**overrides: object) -> LlavaArch:
+        return dataclasses.replace(TINY_ARCH, **overrides)
+
+    return make
