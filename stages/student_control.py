@@ -10,17 +10,15 @@ Reads params `student.*` (freezing, LoRA) and `distill.train`.
 import json
 from pathlib import Path
 
-import torch
-
 from geodistill.config import load_section
 from geodistill.distill.sft import prepare_trainable, run_key, sft_stage
-from geodistill.models.checkpoints import load, model_fingerprint
+from geodistill.models.checkpoints import load_for_training, model_fingerprint
 
 SHARDS, BASE, OUT = Path("data/shards"), Path("models/student_sft"), Path("models/student_control")
 
 if __name__ == "__main__":
     student, distill = load_section("student"), load_section("distill")
-    model, tok, transform = load(BASE, dtype=torch.float32)
+    model, tok, transform = load_for_training(BASE)
     model = prepare_trainable(model, student)
     key = run_key("student_control", student, distill.train, model_fingerprint(BASE))
     summary = sft_stage(model, tok, transform, distill.train, SHARDS, OUT, name="student_control", key=key)

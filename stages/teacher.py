@@ -11,9 +11,10 @@ from pathlib import Path
 
 from geodistill.config import load_section
 from geodistill.distill.sft import run_key, sft_stage
-from geodistill.models.checkpoints import adopt
-from geodistill.models.factory import ImageTransform, build_llava, check_checkpoint, check_compatible
-from geodistill.models.tokenizer import load_tokenizer, tokenizer_hash
+from geodistill.models.checkpoints import adopt, check_checkpoint
+from geodistill.models.llava import build_llava
+from geodistill.models.tokenizer import check_compatible, load_tokenizer, tokenizer_hash
+from geodistill.models.transform import ImageTransform
 
 SHARDS, TOKENIZER, OUT = Path("data/shards"), Path("models/tokenizer"), Path("models/teacher")
 

@@ -29,6 +29,8 @@ def _chat(args: argparse.Namespace) -> None:
     print(res.answer)
     if res.drawn is not None:
         print(f"boxes: {len(res.boxes)} drawn on {res.drawn}")
+    elif res.boxes:
+        print(f"boxes: {len(res.boxes)} in the answer; pass --out FILE.png or --out DIR/ to draw them")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         help="answer one question about one image with a pipeline model or HF LLaVA checkpoint",
         description="Greedy answer to one question; all task tokens work ([grounding], [identify] {box}, "
         "[refer] <p>..</p>); '<image>\\n' is prepended when the question has no <image>. When the "
-        "answer holds boxes, the image is written with them drawn.",
+        "answer holds boxes and --out is given, the image is written there with them drawn.",
     )
     c.add_argument("--model", required=True, help="models/<name> or a local HF-format LLaVA checkpoint")
     c.add_argument("--image", required=True, help="the image file")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default 256)")
     c.add_argument(
         "--out",
-        help="where to write the image with the answer's boxes: a .png file, or a folder for "
-        "<image stem>_boxes.png (default: that name in the current folder)",
+        help="where to write the image with the answer's boxes: a .png file, or a folder (existing, or "
+        "ending in /) for <image stem>_boxes.png (default: no image is written)",
     )
     c.add_argument("question")
     c.set_defaults(func=_chat)

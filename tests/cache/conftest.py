@@ -16,9 +16,10 @@ from geodistill.config import DataConfig, LlavaArch, SyntheticConfig
 from geodistill.data.prepare import prepare
 from geodistill.data.shards import load_manifest, write_shards
 from geodistill.data.template import SYSTEM
-from geodistill.models.checkpoints import write_fingerprint
-from geodistill.models.factory import ImageTransform, build_llava, save_llava
+from geodistill.models.checkpoints import save_llava, write_fingerprint
+from geodistill.models.llava import build_llava
 from geodistill.models.tokenizer import build_tokenizer
+from geodistill.models.transform import ImageTransform
 
 TEACHER_ARCH = LlavaArch(
     hidden_size=64,

@@ -39,13 +39,9 @@ from geodistill.data.shards import iter_shard, write_shards
 from geodistill.distill.kd import gather_targets
 from geodistill.distill.losses import distill_kl
 from geodistill.errors import CacheError, ShardError
-from geodistill.models.factory import (
-    ImageTransform,
-    build_llava,
-    load_llava,
-    num_image_tokens,
-    projector_features,
-)
+from geodistill.models.checkpoints import load_for_inference
+from geodistill.models.llava import build_llava, num_image_tokens, projector_features
+from geodistill.models.transform import ImageTransform
 
 BASE = CacheConfig(k=8, encoding="float16", pooling=1, batch_size=5)
 """5 records per forward: batches straddle images, mix lengths (padding) and end short at shard ends."""
@@ -75,8 +71,8 @@ def examples(pipeline) -> dict[str, Example]:
 
 @pytest.fixture(scope="module")
 def teacher(pipeline):
-    model, _, transform = load_llava(pipeline.teacher, dtype=torch.float32)
-    return model.eval(), transform
+    model, _, transform = load_for_inference(pipeline.teacher, device="cpu")
+    return model, transform
 
 
 @pytest.fixture(scope="module")

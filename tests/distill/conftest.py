@@ -19,9 +19,10 @@ from geodistill.cache.build import build_cache
 from geodistill.config import CacheConfig, DataConfig, LlavaArch, SyntheticConfig
 from geodistill.data.prepare import image_root, prepare, tokenizer_corpus
 from geodistill.data.shards import write_shards
-from geodistill.models.checkpoints import write_fingerprint
-from geodistill.models.factory import ImageTransform, build_llava, save_llava
+from geodistill.models.checkpoints import save_llava, write_fingerprint
+from geodistill.models.llava import build_llava
 from geodistill.models.tokenizer import build_tokenizer
+from geodistill.models.transform import ImageTransform
 
 TEACHER_ARCH = LlavaArch(
     hidden_size=64,

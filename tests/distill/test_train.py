@@ -47,8 +47,8 @@ from geodistill.distill.losses import distill_kl, reverse_kl
 from geodistill.distill.sft import Collator, sft_stage
 from geodistill.distill.train import LoopResult, lr_factor, run_loop
 from geodistill.errors import CacheError, TrainingError
-from geodistill.models.checkpoints import load
-from geodistill.models.factory import num_image_tokens
+from geodistill.models.checkpoints import load_for_training
+from geodistill.models.llava import num_image_tokens
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -265,7 +265,7 @@ def test_control_and_distill_see_the_same_batches(workspace, kd_cwd, monkeypatch
 
     monkeypatch.setattr(sft, "run_loop", recording_loop("control"))
     monkeypatch.setattr(kd, "run_loop", recording_loop("distill"))
-    student, tok, transform = load(workspace.student, dtype=torch.float32)
+    student, tok, transform = load_for_training(workspace.student)
     sft_stage(
         student, tok, transform, train, workspace.shards, kd_cwd / "control", name="student_control", key="k"
     )
@@ -293,11 +293,11 @@ def load_calls(monkeypatch) -> list[Path]:
     """Every model folder run_distill loads (its student, and the teacher only for on-policy)."""
     calls: list[Path] = []
 
-    def recording_load(model_dir, **kwargs):
+    def recording_load(model_dir):
         calls.append(Path(model_dir).resolve())
-        return load(model_dir, **kwargs)
+        return load_for_training(model_dir)
 
-    monkeypatch.setattr(kd, "load", recording_load)
+    monkeypatch.setattr(kd, "load_for_training", recording_load)
     return calls
 
 
@@ -405,7 +405,7 @@ def test_run_distill_resumes_exactly(workspace, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def full_cache(workspace, tmp_path_factory) -> tuple[CacheReader, CacheConfig]:
     """A cache of the same teacher with k = V: its top-k is the whole distribution."""
-    tok = load(workspace.student)[1]
+    tok = load_for_training(workspace.student)[1]
     cfg = dataclasses.replace(workspace.cache_cfg, k=len(tok))
     path = tmp_path_factory.mktemp("full") / "cache.zarr"
     build_cache(workspace.teacher, workspace.shards / "train", path, cfg, progress=False)
@@ -417,8 +417,8 @@ def full_cache(workspace, tmp_path_factory) -> tuple[CacheReader, CacheConfig]:
 @pytest.mark.parametrize("max_len", [512, 110])
 def test_gather_targets_aligns_cache_rows_with_student_positions(workspace, full_cache, max_len):
     reader, _ = full_cache
-    student, tok, transform = load(workspace.student, dtype=torch.float32)
-    teacher = load(workspace.teacher, dtype=torch.float32)[0]
+    student, tok, transform = load_for_training(workspace.student)
+    teacher = load_for_training(workspace.teacher)[0]
     examples = [ex for b in take_examples(workspace, 2) for ex in b]  # 16 records from several shards
     batch = Collator(tok, transform, num_image_tokens(student), max_len)(examples)
     if max_len == 110:
@@ -455,7 +455,7 @@ def model_inputs(batch) -> dict[str, torch.Tensor]:
 
 def test_gather_targets_refuses_a_stale_cache(workspace):
     """More supervised tokens than cached rows means another tokenizer/template built the cache."""
-    student, tok, transform = load(workspace.student, dtype=torch.float32)
+    student, tok, transform = load_for_training(workspace.student)
     manifest = load_manifest(workspace.shards / "train")
     fp = cache_fingerprint(workspace.teacher, manifest, workspace.cache_cfg, len(tok), 512)
     reader = CacheReader(workspace.cache, fp, manifest)

@@ -16,8 +16,10 @@ from geodistill.data.template import SYSTEM
 from geodistill.eval import run
 from geodistill.eval.metrics import MeteorScorer, normalize_answer
 from geodistill.eval.run import EVAL_TASKS, evaluate_model, headline, scalars
-from geodistill.models.factory import ImageTransform, build_llava, save_llava
+from geodistill.models.checkpoints import save_llava
+from geodistill.models.llava import build_llava
 from geodistill.models.tokenizer import build_tokenizer
+from geodistill.models.transform import ImageTransform
 
 ARCH = LlavaArch(
     hidden_size=32,

@@ -20,8 +20,9 @@ from transformers import (
 )
 
 from geodistill.errors import ModelError
+from geodistill.models.checkpoints import load_for_inference
 from geodistill.models.convert import convert_geochat_checkpoint, interpolate_position_embedding, main
-from geodistill.models.factory import load_llava, num_image_tokens
+from geodistill.models.llava import num_image_tokens
 
 CORPUS = ["The image shows a harbor with 2 ships {<8><82><16><90>|<69>}.", "[refer] <p>the red ship</p>"] * 8
 VISION = {
@@ -176,7 +177,7 @@ def test_converted_checkpoint_reproduces_the_model(tmp_path, fmt):
         )
 
     # And so does the project's loader, with GeoChat's pad-to-square preprocessing.
-    model2, _, transform = load_llava(dst)
+    model2, _, transform = load_for_inference(dst, device="cpu")
     assert num_image_tokens(model2) == 16 and transform.size == 32 and transform.pad_to_square
     assert sorted(p.name for p in tmp_path.iterdir()) == ["geochat", "hf"]  # no temporary folder left
 
@@ -206,7 +207,7 @@ def test_vision_tower_from_a_clip_folder_is_interpolated(tmp_path, layout):
     with pytest.raises(ModelError, match="no vision tower weights"):
         convert_geochat_checkpoint(src, tmp_path / "hf")
     dst = convert_geochat_checkpoint(src, tmp_path / "hf", tmp_path / "clip", image_size=32)
-    model, _, _ = load_llava(dst)
+    model, _, _ = load_for_inference(dst, device="cpu")
     got = model.model.vision_tower.embeddings.position_embedding.weight.detach()
     old = clip.embeddings.position_embedding.weight.detach()
     assert got.shape == (1 + 4 * 4, 32)

@@ -13,6 +13,7 @@ from geodistill.models.tokenizer import (
     ADDED_TOKENS,
     COORD_TOKENS,
     build_tokenizer,
+    check_compatible,
     image_token_id,
     load_tokenizer,
     save_tokenizer,
@@ -127,3 +128,22 @@ def test_missing_image_token_is_reported(tmp_path):
         image_token_id(bare)
     with pytest.raises(ModelError, match="no such tokenizer folder"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_check_compatible():
+    corpus = [
+        "The image shows a harbor area with 2 ships: <p>a red ship</p> {<8><82><16><90>|<69>}.",
+        "[refer] <p>the white airplane</p>",
+        "How many vehicles are there? Answer the question using a single word or phrase.",
+        "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT:",
+    ] * 4
+    tok = build_tokenizer(corpus, 300)
+    check_compatible(tok, build_tokenizer(corpus, 300))  # rebuilt identically: fine
+    with pytest.raises(ModelError, match="vocabulary size"):
+        check_compatible(tok, build_tokenizer(corpus, 260))
+    # Same size, other merges: only the fingerprint tells them apart.
+    a = build_tokenizer(corpus, 230)
+    b = build_tokenizer(["zebra quartz jumping over lazy foxes, quickly and often"] * 8 + corpus, 230)
+    assert len(a) == len(b)
+    with pytest.raises(ModelError, match="hash"):
+        check_compatible(a, b)

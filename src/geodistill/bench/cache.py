@@ -69,9 +69,9 @@ from geodistill.data.shards import load_manifest, write_shards
 from geodistill.data.template import encode_conversation
 from geodistill.distill.losses import reverse_kl
 from geodistill.errors import ModelError
-from geodistill.models.checkpoints import resolve
-from geodistill.models.factory import ensure_offline, load_llava, num_image_tokens
+from geodistill.models.checkpoints import ensure_offline, load_for_inference, resolve
 from geodistill.models.features import pool_image_features
+from geodistill.models.llava import num_image_tokens
 
 STUDENT_TEMPERATURE = 2.0
 """The stand-in student of (c): the teacher's own logits divided by this (a flatter distribution)."""
@@ -117,8 +117,7 @@ def load_teacher(path: Path, device: torch.device) -> Teacher:
 
 
 def _llava_teacher(folder: Path, device: torch.device) -> Teacher:
-    model, tok, transform = load_llava(folder, dtype=torch.float32)
-    model.eval().to(device)
+    model, tok, transform = load_for_inference(folder, device=device)
     n_img, max_len = num_image_tokens(model), int(model.config.text_config.max_position_embeddings)
 
     def forward(batch: Batch) -> torch.Tensor:

@@ -52,16 +52,10 @@ from geodistill.distill.kd import CachedTargets, KDModule, gather_targets, offli
 from geodistill.distill.losses import make_adapter
 from geodistill.distill.sft import Collator, sft_step
 from geodistill.distill.train import run_loop
-from geodistill.models.checkpoints import load, write_fingerprint
-from geodistill.models.factory import (
-    ImageTransform,
-    build_llava,
-    check_compatible,
-    count_parameters,
-    num_image_tokens,
-    save_llava,
-)
-from geodistill.models.tokenizer import build_tokenizer
+from geodistill.models.checkpoints import load_for_training, save_llava, write_fingerprint
+from geodistill.models.llava import build_llava, count_parameters, num_image_tokens
+from geodistill.models.tokenizer import build_tokenizer, check_compatible
+from geodistill.models.transform import ImageTransform
 
 VARIANTS = ("sft", "kd-cache", "kd-cache-nopt", "kd-live")
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -95,8 +89,8 @@ def build_setup(root: Path, args: argparse.Namespace) -> Setup:
     distill: DistillConfig = load_section("distill", args.params)
     if args.teacher:
         teacher_dir = Path(args.teacher)
-        teacher, tok, transform = load(teacher_dir, dtype=torch.float32)
-        student, student_tok, _ = load(args.student, dtype=torch.float32)
+        teacher, tok, transform = load_for_training(teacher_dir)
+        student, student_tok, _ = load_for_training(args.student)
         check_compatible(tok, student_tok)
     else:
         tok = build_tokenizer(tokenizer_corpus(prepared), load_section("tokenizer", args.params).vocab_size)

@@ -40,9 +40,9 @@ from geodistill.data.shards import iter_shard, load_manifest, manifest_hash, sha
 from geodistill.data.template import TEMPLATE_NAME
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError
-from geodistill.models.checkpoints import load, model_fingerprint
-from geodistill.models.factory import capture_projector, num_image_tokens
+from geodistill.models.checkpoints import load_for_inference, model_fingerprint
 from geodistill.models.features import pool_image_features
+from geodistill.models.llava import capture_projector, num_image_tokens
 
 
 def record_key(sample_key: str, index: int) -> str:
@@ -219,9 +219,8 @@ def build_cache(
     """Build (or resume) the cache for this process's shards; returns counts and throughput."""
     dctx = Dist.from_env()
     dctx.init()
-    model, tok, transform = load(teacher_dir, dtype=torch.float32)
     device = _device(dctx)
-    model.eval().to(device)
+    model, tok, transform = load_for_inference(teacher_dir, device=device)
     manifest = load_manifest(shard_dir)
     n_img = num_image_tokens(model.config)
     max_len = int(model.config.text_config.max_position_embeddings)

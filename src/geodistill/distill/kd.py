@@ -35,16 +35,15 @@ from geodistill.distill.train import clear_checkpoint, dvclive_logger, run_loop
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError, ModelError
 from geodistill.eval.generate import left_pad
-from geodistill.models.checkpoints import load, model_fingerprint, resolve, write_fingerprint
-from geodistill.models.factory import (
-    capture_projector,
-    check_compatible,
-    merge_lora,
-    num_image_tokens,
+from geodistill.models.checkpoints import (
+    load_for_training,
+    model_fingerprint,
+    resolve,
     save_llava,
-    unwrap,
+    write_fingerprint,
 )
-from geodistill.models.tokenizer import tokenizer_hash
+from geodistill.models.llava import capture_projector, merge_lora, num_image_tokens, unwrap
+from geodistill.models.tokenizer import check_compatible, tokenizer_hash
 
 
 class KDModule(nn.Module):
@@ -185,7 +184,7 @@ def run_distill(
     """Distil the baseline in ``base_dir`` into ``out`` from the cache (+ the live teacher if on-policy)."""
     train = cfg.train
     torch.manual_seed(train.seed)  # before the feature adapter and LoRA are initialised: same run, same init
-    student, tok, transform = load(base_dir, dtype=torch.float32)
+    student, tok, transform = load_for_training(base_dir)
     manifest = load_manifest(shards / "train")
     teacher_config = json.loads((resolve(teacher_dir) / "config.json").read_text())
     max_len = int(teacher_config["text_config"]["max_position_embeddings"])
@@ -204,7 +203,7 @@ def run_distill(
 
     teacher = None
     if cfg.onpolicy.enabled:  # the only reason to load the teacher model at all
-        teacher, teacher_tok, teacher_transform = load(teacher_dir, dtype=torch.float32)
+        teacher, teacher_tok, teacher_transform = load_for_training(teacher_dir)
         check_compatible(teacher_tok, tok)
         if teacher_transform != transform:
             raise ModelError(

@@ -17,18 +17,17 @@ from geodistill.data.collate import Batch, Example, collate, iter_examples, shuf
 from geodistill.distill.losses import lm_loss
 from geodistill.distill.train import LoopResult, clear_checkpoint, dvclive_logger, run_loop
 from geodistill.distributed import Dist
-from geodistill.models.checkpoints import load, write_fingerprint
-from geodistill.models.factory import (
-    ImageTransform,
+from geodistill.models.checkpoints import load_for_training, save_llava, write_fingerprint
+from geodistill.models.llava import (
     apply_lora,
     build_llava,
-    check_compatible,
     freeze_vision_tower,
     merge_lora,
     num_image_tokens,
-    save_llava,
     unwrap,
 )
+from geodistill.models.tokenizer import check_compatible
+from geodistill.models.transform import ImageTransform
 
 
 def run_key(*parts: Any) -> str:
@@ -126,7 +125,7 @@ def make_student(cfg: StudentConfig, tok) -> tuple[nn.Module, ImageTransform]:
         model = build_llava(cfg.arch, tok, cfg.init_seed)
         transform = ImageTransform(cfg.arch.image_size)
     else:
-        model, student_tok, transform = load(cfg.path, dtype=torch.float32)
+        model, student_tok, transform = load_for_training(cfg.path)
         check_compatible(tok, student_tok)
     return model, transform
 

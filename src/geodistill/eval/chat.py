@@ -3,29 +3,29 @@
     geodistill chat --model models/student_kd --image scene.png "[refer] <p>the red ship</p>"
 
 The model folder may be a pipeline model (``models/<name>``, an adopted checkpoint is followed through
-its ``adopted.json``) or a local ``LlavaForConditionalGeneration`` checkpoint; both load with plain
-transformers through :func:`geodistill.models.checkpoints.load`. The question is answered with the same
-vicuna_v1 prompt and greedy decoding as the evaluation (:func:`geodistill.eval.generate.generate`), so
-every task token works (``[grounding]``, ``[identify] {box}``, ``[refer] <p>..</p>``). Boxes in the
-answer are drawn on the image.
+its ``adopted.json``) or a local ``LlavaForConditionalGeneration`` checkpoint. It loads through
+:func:`geodistill.models.checkpoints.load_for_inference`, the evaluation's loader (same device, same
+dtype), and the question is answered with the same vicuna_v1 prompt and greedy decoding as the
+evaluation (:func:`geodistill.eval.generate.generate`), so chat answers what `evaluate` would. Every task
+token works (``[grounding]``, ``[identify] {box}``, ``[refer] <p>..</p>``). Boxes in the answer are drawn
+on the image when ``out`` says where; nothing is written otherwise.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
-from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from geodistill.data.records import BOX_RE, IMAGE_PLACEHOLDER, PHRASE_RE, Box, Turn, parse_boxes
 from geodistill.data.template import encode_conversation
-from geodistill.errors import DataError, GeodistillError, ModelError
+from geodistill.errors import GeodistillError
 from geodistill.eval.generate import Prompt, generate
-from geodistill.models.checkpoints import load, resolve
-from geodistill.models.factory import ImageTransform, num_image_tokens
+from geodistill.files import open_image
+from geodistill.models.checkpoints import load_for_inference
+from geodistill.models.llava import num_image_tokens
 
 #: Outline colours of successive phrases' boxes (all boxes of one phrase share a colour).
 COLOURS = ("#ff2020", "#20c0ff", "#ffd000", "#30e030", "#ff60ff", "#ff8c00")
@@ -40,7 +40,7 @@ class ChatAnswer:
     boxes: tuple[Box, ...]
     """Boxes parsed from the answer, in order."""
     drawn: Path | None
-    """The image with the boxes drawn, when the answer held any."""
+    """The image with the boxes drawn: None when the answer held none or no ``out`` was given."""
     max_new_tokens: int
     """The generation limit actually used (lowered when the model's context is shorter)."""
 
@@ -54,40 +54,6 @@ def prepare_question(question: str) -> str:
     if n > 1:
         raise GeodistillError(f"the question holds {n} {IMAGE_PLACEHOLDER} placeholders; one image needs one")
     return q if n else f"{IMAGE_PLACEHOLDER}\n{q}"
-
-
-def open_image(path: str | Path) -> Image.Image:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: image file not found")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt files; all mean "unreadable"
-        raise DataError(f"{p}: not a readable image ({type(e).__name__}: {e})") from e
-
-
-def load_model(
-    model_dir: str | Path,
-) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, ImageTransform]:
-    """(model, tokenizer, image transform) of a pipeline model folder or HF LLaVA checkpoint, in eval
-    mode on the GPU when there is one (in the checkpoint's dtype), else on the CPU in float32."""
-    p = Path(model_dir)
-    if not p.exists():
-        raise ModelError(f"{p}: no such model folder; pass models/<name> or a local LLaVA checkpoint folder")
-    try:
-        resolve(p)  # a broken adopted.json would otherwise surface as a bare KeyError / JSON error
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ModelError(
-            f"{p}/adopted.json is not a valid adopted-model pointer ({type(e).__name__}: {e}); "
-            "re-run the stage that adopted it"
-        ) from e
-    cuda = torch.cuda.is_available()
-    # On CPU, half precision is slow or unsupported: compute in float32.
-    model, tok, transform = load(p, dtype=None if cuda else torch.float32)
-    if cuda:
-        model = model.to("cuda")
-    return model.eval(), tok, transform
 
 
 def labelled_boxes(text: str) -> list[tuple[str | None, Box]]:
@@ -128,14 +94,11 @@ def draw_boxes(image: Image.Image, text: str, out: str | Path) -> Path:
     return out
 
 
-def boxes_path(image: str | Path, out: str | Path | None) -> Path:
-    """Where the drawn image goes: ``out`` itself when it names a file, ``<image stem>_boxes.png`` inside
-    ``out`` when it is an existing folder, in the current folder when no ``out`` is given."""
-    name = f"{Path(image).stem}_boxes.png"
-    if out is None:
-        return Path.cwd() / name
-    out = Path(out)
-    return out / name if out.is_dir() else out
+def boxes_path(image: str | Path, out: str | Path) -> Path:
+    """Where the drawn image goes: ``<image stem>_boxes.png`` inside ``out`` when ``out`` is an existing
+    folder or ends with a path separator (the folder is created), else ``out`` itself."""
+    folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
+    return Path(out) / f"{Path(image).stem}_boxes.png" if folder else Path(out)
 
 
 def chat(
@@ -146,12 +109,13 @@ def chat(
     max_new_tokens: int = 256,
     out: str | Path | None = None,
 ) -> ChatAnswer:
-    """Answer ``question`` about ``image`` greedily; draw the answer's boxes (see :func:`boxes_path`)."""
+    """Answer ``question`` about ``image`` greedily; when ``out`` is given and the answer holds boxes,
+    draw them there (see :func:`boxes_path`)."""
     if max_new_tokens < 1:
         raise GeodistillError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     turn = Turn("human", prepare_question(question))
     picture = open_image(image)  # before the (slow) model load: a typo in the path fails at once
-    model, tok, transform = load_model(model_dir)
+    model, tok, transform = load_for_inference(model_dir)
     n_img = num_image_tokens(model.config)
     prompt_len = len(encode_conversation(tok, [turn], n_img, for_generation=True).input_ids)
     context = getattr(model.config.text_config, "max_position_embeddings", None)
@@ -167,5 +131,5 @@ def chat(
         model, tok, transform, n_img, [Prompt((turn,), picture)], batch_size=1, max_new_tokens=max_new_tokens
     )
     boxes = tuple(parse_boxes(answer))
-    drawn = draw_boxes(picture, answer, boxes_path(image, out)) if boxes else None
+    drawn = draw_boxes(picture, answer, boxes_path(image, out)) if boxes and out is not None else None
     return ChatAnswer(answer, boxes, drawn, max_new_tokens)

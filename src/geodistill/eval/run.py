@@ -42,8 +42,8 @@ from geodistill.eval.metrics import (
     plot_confusion_matrix,
     vqa_metrics,
 )
-from geodistill.models.checkpoints import load
-from geodistill.models.factory import count_parameters, num_image_tokens
+from geodistill.models.checkpoints import load_for_inference
+from geodistill.models.llava import count_parameters, num_image_tokens
 
 EVAL_TASKS = ("scene", "vqa", "referring", "region_caption")
 
@@ -152,10 +152,7 @@ def evaluate_model(
     model_dir: Path, name: str, cfg: EvalConfig, prepared: Path, image_root: Path, plots: Path
 ) -> dict:
     """Run every task on one model; write predictions and the confusion matrix under ``plots``."""
-    model, tok, transform = load(model_dir, dtype=torch.float32)
-    if torch.cuda.is_available():
-        model = model.to("cuda", dtype=torch.bfloat16)
-    model.eval()
+    model, tok, transform = load_for_inference(model_dir)
     n_img = num_image_tokens(model.config)
     items = load_items(cfg, prepared, image_root)
     plots.mkdir(parents=True, exist_ok=True)

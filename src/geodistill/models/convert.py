@@ -48,7 +48,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -69,16 +68,11 @@ from transformers import (
 )
 
 from geodistill.errors import ModelError
-from geodistill.models.factory import (
-    CLIP_MEAN,
-    CLIP_STD,
-    PREPROCESSOR_FILE,
-    ImageTransform,
-    ensure_offline,
-    num_image_tokens,
-    replace_dir,
-)
+from geodistill.files import atomic_dir
+from geodistill.models.checkpoints import ensure_offline
+from geodistill.models.llava import num_image_tokens
 from geodistill.models.tokenizer import IMAGE, load_tokenizer
+from geodistill.models.transform import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, ImageTransform
 
 GEOCHAT_IMAGE_SIZE = 504
 """GeoChat's tower resolution (36 x 36 patches of 14 px)."""
@@ -358,139 +352,18 @@ def convert_geochat_checkpoint(
     """
     ensure_offline()
     src, dst = Path(src_dir), Path(dst_dir)
-    if not (src / "config.json").is_file():
-        raise ModelError(f"{src}: no config.json; expected a GeoChat checkpoint folder")
-    raw = json.loads((src / "config.json").read_text())
-    _check_layout(raw, src)
+    raw = _read_geochat_config(src)
     shard_bytes = _parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-
     tok = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else src)
     with ExitStack() as stack:
         files = WeightFiles(src, stack)
-
-        # ---- map every source key (strict: an unknown key means a layout this converter does not know)
-        plan: dict[str, tuple[WeightFiles, str]] = {}
-        unknown = []
-        for k in files:
-            new = _rename(k)
-            if new is None:
-                if not _IGNORED.search(k):
-                    unknown.append(k)
-            elif not _IGNORED.search(k):
-                plan[new] = (files, k)
-        if unknown:
-            raise ModelError(
-                f"{src}: keys outside GeoChat's layout: {sorted(unknown)[:8]} ({len(unknown)} in all)"
-            )
-        if EMBED not in plan:
-            raise ModelError(f"{src}: no model.embed_tokens.weight; not a LLaVA-1.5/GeoChat language model")
-        if LM_HEAD not in plan:  # tied checkpoints omit lm_head; Llama unties it
-            plan[LM_HEAD] = plan[EMBED]
-
-        # ---- vision config and weights
-        vision: dict[str, Any] = dict(CLIP_VIT_L14_336)
-        has_tower = (_VISION_SRC + "embeddings.patch_embedding.weight") in files
-        vision_dir = None
-        overrides: dict[str, Any] = {}
-        if isinstance(vision_config_dir_or_dict, dict):
-            overrides = dict(vision_config_dir_or_dict)
-        elif vision_config_dir_or_dict is not None:
-            vision_dir = Path(vision_config_dir_or_dict)
-            vision.update(_clip_dir_config(vision_dir))
-        if has_tower:
-            inferred = _infer_vision(files)
-            if vision_dir is not None:  # the CLIP folder knows the head count; the weights only guess it
-                inferred.pop("num_attention_heads")
-            vision.update(inferred)
-        elif vision_dir is not None:
-            plan.update(_clip_dir_tensors(vision_dir, stack))
-            vision["image_size"] = GEOCHAT_IMAGE_SIZE  # GeoChat interpolates CLIP's grid at load time
-        else:
-            raise ModelError(
-                f"{src}: the checkpoint has no vision tower weights ({_VISION_SRC}*); pass the local CLIP "
-                f"checkpoint it was trained with ({raw.get('mm_vision_tower', 'a CLIP ViT')}) as "
-                "vision_config_dir_or_dict / --vision"
-            )
-        vision.update(overrides)
-        if image_size is not None:
-            vision["image_size"] = image_size
-        if vision["image_size"] % vision["patch_size"]:
-            raise ModelError(
-                f"image_size {vision['image_size']} is not a multiple of patch {vision['patch_size']}"
-            )
-        if raw.get("mm_hidden_size") not in (None, vision["hidden_size"]):
-            raise ModelError(
-                f"mm_hidden_size {raw['mm_hidden_size']} differs from the tower width {vision['hidden_size']}"
-            )
-
-        # ---- tokenizer: add <image> (and pad = unk) so the model vocabulary equals len(tokenizer)
-        rows_n = files.shape(plan[EMBED][1])[0]
-        if (
-            rows_n == len(tok) + 1
-            and raw.get("mm_use_im_patch_token", True)
-            and "<im_patch>" not in tok.get_vocab()
-        ):
-            # builder.py adds <im_patch> (id 32000) when mm_use_im_patch_token is set; keep its row.
-            tok.add_tokens([AddedToken("<im_patch>", special=True, normalized=False)], special_tokens=True)
-        if rows_n != len(tok):
-            raise ModelError(
-                f"{src}: embed_tokens has {rows_n} rows but the tokenizer has {len(tok)} tokens; use the "
-                "tokenizer these weights were trained with (--tokenizer)"
-            )
-        if IMAGE not in tok.get_vocab():
-            tok.add_tokens([AddedToken(IMAGE, special=True, normalized=False)], special_tokens=True)
-        if tok.pad_token is None:
-            if tok.unk_token is None:
-                raise ModelError(f"{src}: the tokenizer has neither a pad nor an unk token to pad with")
-            tok.pad_token = tok.unk_token
-        vocab = len(tok)
-
-        select = raw.get("mm_vision_select_feature", "patch")
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(**vision),
-            text_config=_text_config(raw, vocab, tok),
-            image_token_index=tok.convert_tokens_to_ids(IMAGE),
-            projector_hidden_act="gelu",  # GeoChat's nn.GELU() (exact erf form)
-            vision_feature_select_strategy="full" if select == "cls_patch" else "default",
-            vision_feature_layer=raw.get("mm_vision_select_layer", -2),
-            multimodal_projector_bias=True,
-            tie_word_embeddings=False,
-        )
-        config.image_seq_length = num_image_tokens(config)
-        grid = vision["image_size"] // vision["patch_size"]
-
-        # ---- check names and shapes against the real module tree (built on the meta device: no memory)
-        with torch.device("meta"):
-            expected = {
-                k: tuple(v.shape) for k, v in LlavaForConditionalGeneration(config).state_dict().items()
-            }
-
-        def target_shape(disk_key: str) -> tuple[int, ...]:
-            f, k = plan[disk_key]
-            shape = f.shape(k)
-            if disk_key in (EMBED, LM_HEAD):
-                return (vocab, *shape[1:])
-            if disk_key == POS_EMB:
-                return (grid * grid + 1, *shape[1:])
-            return shape
-
-        got = {_to_module_key(k): target_shape(k) for k in plan}
-        problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
-        problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
-        problems += [
-            f"{k}: shape {got[k]} != {expected[k]}"
-            for k in sorted(got.keys() & expected.keys())
-            if got[k] != expected[k]
-        ]
-        if problems:
-            raise ModelError(f"{src}: converted weights do not fit the HF LLaVA model: {problems[:8]}")
-
-        # ---- stream tensors into shards in a temporary folder, then move it into place
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        plan = _plan_keys(files, src)
+        vision, vision_dir = _vision(raw, files, plan, vision_config_dir_or_dict, image_size, stack)
+        _complete_tokenizer(tok, raw, files.shape(plan[EMBED][1])[0], src)
+        config = _llava_config(raw, vision, tok)
+        vocab, grid = len(tok), vision["image_size"] // vision["patch_size"]
+        _check_shapes(config, plan, vocab, grid, src)
+        with atomic_dir(dst) as tmp:  # the output folder appears only when complete
             config.dtype = _write_shards(tmp, _tensors(plan, vocab, grid, dtype), shard_bytes)
             config.save_pretrained(str(tmp))
             GenerationConfig(
@@ -498,11 +371,154 @@ def convert_geochat_checkpoint(
             ).save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
             _transform(vision_dir, vision["image_size"], raw).save(tmp)
-            replace_dir(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dst
+
+
+def _read_geochat_config(src: Path) -> dict[str, Any]:
+    """The source's config.json, refused unless its layout maps onto LlavaForConditionalGeneration."""
+    if not (src / "config.json").is_file():
+        raise ModelError(f"{src}: no config.json; expected a GeoChat checkpoint folder")
+    raw = json.loads((src / "config.json").read_text())
+    _check_layout(raw, src)
+    return raw
+
+
+def _plan_keys(files: WeightFiles, src: Path) -> dict[str, tuple[WeightFiles, str]]:
+    """HF disk key -> (files, source key) for every source tensor. Strict: an unknown key means a layout
+    this converter does not know."""
+    plan: dict[str, tuple[WeightFiles, str]] = {}
+    unknown = []
+    for k in files:
+        new = _rename(k)
+        if new is None:
+            if not _IGNORED.search(k):
+                unknown.append(k)
+        elif not _IGNORED.search(k):
+            plan[new] = (files, k)
+    if unknown:
+        raise ModelError(
+            f"{src}: keys outside GeoChat's layout: {sorted(unknown)[:8]} ({len(unknown)} in all)"
+        )
+    if EMBED not in plan:
+        raise ModelError(f"{src}: no model.embed_tokens.weight; not a LLaVA-1.5/GeoChat language model")
+    if LM_HEAD not in plan:  # tied checkpoints omit lm_head; Llama unties it
+        plan[LM_HEAD] = plan[EMBED]
+    return plan
+
+
+def _vision(
+    raw: dict[str, Any],
+    files: WeightFiles,
+    plan: dict[str, tuple[WeightFiles, str]],
+    vision_config_dir_or_dict: str | Path | dict[str, Any] | None,
+    image_size: int | None,
+    stack: ExitStack,
+) -> tuple[dict[str, Any], Path | None]:
+    """The ``CLIPVisionConfig`` values and the CLIP folder used (if any). A checkpoint without a tower
+    takes the CLIP folder's weights: they are added to ``plan``."""
+    vision: dict[str, Any] = dict(CLIP_VIT_L14_336)
+    has_tower = (_VISION_SRC + "embeddings.patch_embedding.weight") in files
+    vision_dir = None
+    overrides: dict[str, Any] = {}
+    if isinstance(vision_config_dir_or_dict, dict):
+        overrides = dict(vision_config_dir_or_dict)
+    elif vision_config_dir_or_dict is not None:
+        vision_dir = Path(vision_config_dir_or_dict)
+        vision.update(_clip_dir_config(vision_dir))
+    if has_tower:
+        inferred = _infer_vision(files)
+        if vision_dir is not None:  # the CLIP folder knows the head count; the weights only guess it
+            inferred.pop("num_attention_heads")
+        vision.update(inferred)
+    elif vision_dir is not None:
+        plan.update(_clip_dir_tensors(vision_dir, stack))
+        vision["image_size"] = GEOCHAT_IMAGE_SIZE  # GeoChat interpolates CLIP's grid at load time
+    else:
+        raise ModelError(
+            f"{files.folder}: the checkpoint has no vision tower weights ({_VISION_SRC}*); pass the local "
+            f"CLIP checkpoint it was trained with ({raw.get('mm_vision_tower', 'a CLIP ViT')}) as "
+            "vision_config_dir_or_dict / --vision"
+        )
+    vision.update(overrides)
+    if image_size is not None:
+        vision["image_size"] = image_size
+    if vision["image_size"] % vision["patch_size"]:
+        raise ModelError(
+            f"image_size {vision['image_size']} is not a multiple of patch {vision['patch_size']}"
+        )
+    if raw.get("mm_hidden_size") not in (None, vision["hidden_size"]):
+        raise ModelError(
+            f"mm_hidden_size {raw['mm_hidden_size']} differs from the tower width {vision['hidden_size']}"
+        )
+    return vision, vision_dir
+
+
+def _complete_tokenizer(tok: Any, raw: dict[str, Any], rows_n: int, src: Path) -> None:
+    """Add ``<image>`` (and pad = unk) in place, so the model vocabulary equals ``len(tok)``."""
+    if (
+        rows_n == len(tok) + 1
+        and raw.get("mm_use_im_patch_token", True)
+        and "<im_patch>" not in tok.get_vocab()
+    ):
+        # builder.py adds <im_patch> (id 32000) when mm_use_im_patch_token is set; keep its row.
+        tok.add_tokens([AddedToken("<im_patch>", special=True, normalized=False)], special_tokens=True)
+    if rows_n != len(tok):
+        raise ModelError(
+            f"{src}: embed_tokens has {rows_n} rows but the tokenizer has {len(tok)} tokens; use the "
+            "tokenizer these weights were trained with (--tokenizer)"
+        )
+    if IMAGE not in tok.get_vocab():
+        tok.add_tokens([AddedToken(IMAGE, special=True, normalized=False)], special_tokens=True)
+    if tok.pad_token is None:
+        if tok.unk_token is None:
+            raise ModelError(f"{src}: the tokenizer has neither a pad nor an unk token to pad with")
+        tok.pad_token = tok.unk_token
+
+
+def _llava_config(raw: dict[str, Any], vision: dict[str, Any], tok: Any) -> LlavaConfig:
+    """The converted model's config: GeoChat's feature layer and selection, exact-GELU projector."""
+    select = raw.get("mm_vision_select_feature", "patch")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=_text_config(raw, len(tok), tok),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE),
+        projector_hidden_act="gelu",  # GeoChat's nn.GELU() (exact erf form)
+        vision_feature_select_strategy="full" if select == "cls_patch" else "default",
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
+    config.image_seq_length = num_image_tokens(config)
+    return config
+
+
+def _check_shapes(
+    config: LlavaConfig, plan: dict[str, tuple[WeightFiles, str]], vocab: int, grid: int, src: Path
+) -> None:
+    """Names and shapes of the converted tensors against the real module tree, built on the meta device
+    (no memory), before anything is written."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LlavaForConditionalGeneration(config).state_dict().items()}
+
+    def target_shape(disk_key: str) -> tuple[int, ...]:
+        f, k = plan[disk_key]
+        shape = f.shape(k)
+        if disk_key in (EMBED, LM_HEAD):
+            return (vocab, *shape[1:])
+        if disk_key == POS_EMB:
+            return (grid * grid + 1, *shape[1:])
+        return shape
+
+    got = {_to_module_key(k): target_shape(k) for k in plan}
+    problems = [f"missing {k}" for k in sorted(expected.keys() - got.keys())]
+    problems += [f"unexpected {k}" for k in sorted(got.keys() - expected.keys())]
+    problems += [
+        f"{k}: shape {got[k]} != {expected[k]}"
+        for k in sorted(got.keys() & expected.keys())
+        if got[k] != expected[k]
+    ]
+    if problems:
+        raise ModelError(f"{src}: converted weights do not fit the HF LLaVA model: {problems[:8]}")
 
 
 def _transform(vision_dir: Path | None, size: int, raw: dict[str, Any]) -> ImageTransform:

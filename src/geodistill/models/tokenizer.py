@@ -1,4 +1,4 @@
-"""A compact, offline-built tokenizer for GeoChat text, and tokenizer fingerprints.
+"""A compact, offline-built tokenizer for GeoChat text; tokenizer fingerprints and compatibility.
 
 ``build_tokenizer`` trains a byte-level BPE (GPT-2 pre-tokenisation: words keep their leading space,
 digits and punctuation split off) on the prepared corpus with the ``tokenizers`` library and wraps it
@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from geodistill.errors import ModelError
 
@@ -174,3 +174,41 @@ def tokenizer_hash(tok: PreTrainedTokenizerFast) -> str:
     }
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def check_compatible(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> None:
+    """Raise ModelError naming what differs when teacher and student do not share one tokenizer.
+
+    Distillation compares the two next-token distributions id by id (and the cache stores teacher
+    token ids), so the vocabularies must be identical, not merely the same size.
+    """
+    diffs = []
+    if len(teacher_tok) != len(student_tok):
+        diffs.append(f"vocabulary size {len(teacher_tok)} (teacher) vs {len(student_tok)} (student)")
+    for role in ("bos", "eos", "pad", "unk"):
+        a, b = getattr(teacher_tok, f"{role}_token_id"), getattr(student_tok, f"{role}_token_id")
+        if a != b:
+            diffs.append(f"{role} id {a} vs {b}")
+    try:
+        ia, ib = image_token_id(teacher_tok), image_token_id(student_tok)
+        if ia != ib:
+            diffs.append(f"<image> id {ia} vs {ib}")
+    except ModelError as e:
+        diffs.append(str(e))
+    ha, hb = tokenizer_hash(teacher_tok), tokenizer_hash(student_tok)
+    if ha != hb:
+        va, vb = teacher_tok.get_vocab(), student_tok.get_vocab()
+        moved = sorted(t for t in va.keys() & vb.keys() if va[t] != vb[t])[:3]
+        only = sorted(va.keys() ^ vb.keys())[:3]
+        detail = f"tokenizer hash {ha[:12]} vs {hb[:12]}"
+        if moved:
+            detail += f"; tokens with other ids: {moved}"
+        if only:
+            detail += f"; tokens in only one vocabulary: {only}"
+        diffs.append(detail)
+    if diffs:
+        raise ModelError(
+            "teacher and student tokenizers differ: "
+            + "; ".join(diffs)
+            + ". The student must use the teacher's tokenizer (build the student from it)"
+        )
