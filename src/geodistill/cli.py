@@ -3,14 +3,19 @@
 geodistill check-params [params.yaml]      validate every params section, report all problems
 geodistill chat --model DIR --image FILE [--max-new-tokens N] [--out FILE] "question"
                                            answer one question about one image; draw answered boxes
+geodistill plan [--preset NAME | --params FILE] [--gpus N --zero S --precision P ...]
+                                           parameters, FLOPs, memory per GPU, cache size and time of a run
+geodistill preset FILE                     a preset's params as `dvc exp run` -S arguments
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
-from geodistill.errors import GeodistillError
+from geodistill.errors import ConfigError, GeodistillError
 
 
 def _check_params(args: argparse.Namespace) -> None:
@@ -31,6 +36,78 @@ def _chat(args: argparse.Namespace) -> None:
         print(f"boxes: {len(res.boxes)} drawn on {res.drawn}")
     elif res.boxes:
         print(f"boxes: {len(res.boxes)} in the answer; pass --out FILE.png or --out DIR/ to draw them")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from geodistill.plan.inputs import ASSUMPTIONS, RunPlan, read_preset
+    from geodistill.plan.report import build_plan, render
+
+    path = Path(args.params) if args.params else Path("presets") / f"{args.preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root, or pass --params FILE")
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(RunPlan)}
+    if args.lora_targets is not None:
+        flags["lora_targets"] = args.lora_targets.split(",")
+    assert set(ASSUMPTIONS) <= set(flags)
+    print(render(build_plan(read_preset(path, args.base), flags)), end="")
+
+
+def _preset(args: argparse.Namespace) -> None:
+    from geodistill.plan.inputs import override_args, read_preset
+
+    preset = read_preset(args.file)
+    if preset.pending:
+        print(f"not applied (config.py lacks them): {', '.join(preset.pending)}", file=sys.stderr)
+    print("\n".join(override_args(preset)))
+
+
+_PLAN_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("gpus", int, "GPUs (data-parallel ranks)"),
+    ("gpu-memory-gib", float, "memory of one GPU"),
+    ("tflops", float, "achieved TFLOP/s per GPU (not the peak)"),
+    ("zero", int, "DeepSpeed ZeRO stage 0-3 for distillation"),
+    ("micro-batch", int, "records per GPU per distillation forward"),
+    ("teacher-batch", int, "records per teacher forward"),
+    ("lora-r", int, "LoRA rank on the student's LLM; 0 trains the whole LLM"),
+    ("lora-targets", str, "comma-separated linear layer names LoRA wraps"),
+    ("lora-dropout", float, "LoRA dropout"),
+    ("steps", int, "distillation optimizer steps"),
+    ("vocab-size", int, "vocabulary of models built from arch"),
+    ("records", int, "training records"),
+    ("records-per-image", float, "records per image (prefix reuse)"),
+    ("text-tokens", int, "non-image tokens per record"),
+    ("prefix-text-tokens", int, "text tokens an image's records share before the image"),
+    ("answer-tokens", int, "supervised (cached) tokens per record"),
+    ("k", int, "cached top-k"),
+    ("encoding", str, "top-k value encoding"),
+    ("pooling", int, "feature average pooling"),
+)
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="will a run fit, and how long will it take (models built on the meta device: no weights)",
+        description="Parameters by part, FLOPs per record, memory per GPU for the teacher pass and for "
+        "distillation, the teacher cache on disk and the time at an achieved TFLOP/s. Inputs: the params "
+        "(a preset's params: section over --base), the preset's plan: section, then these flags.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="geochat", help="presets/NAME.yaml (default geochat)")
+    src.add_argument("--params", help="a params file or preset file instead of --preset")
+    p.add_argument("--base", default="params.yaml", help="params the file is applied over (if present)")
+    for name, kind, text in _PLAN_FLAGS:
+        p.add_argument(f"--{name}", type=kind, help=f"{text} (default: from the file)")
+    for name in ("precision", "teacher-precision"):
+        p.add_argument(f"--{name}", choices=("fp32", "bf16", "fp16"), help="default: from the file")
+    p.add_argument("--attention", choices=("sdpa", "eager"), help="default sdpa")
+    p.add_argument("--feature-encoding", choices=("float16", "int8"), help="cached features (float16)")
+    for name in ("checkpointing", "freeze-vision", "live-teacher"):
+        p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=_plan)
+    q = sub.add_parser("preset", help="print a preset's params as `dvc exp run` -S arguments")
+    q.add_argument("file", help="e.g. presets/geochat.yaml; use: dvc exp run $(geodistill preset FILE)")
+    q.set_defaults(func=_preset)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument("question")
     c.set_defaults(func=_chat)
+    _add_plan_parser(sub)
     args = parser.parse_args(argv)
     try:
         args.func(args)
