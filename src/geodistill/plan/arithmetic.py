@@ -85,15 +85,22 @@ def sample_flops(m: ModelShape, plan: RunPlan, lora: int = 0) -> Flops:
 
 
 def train_flops(m: ModelShape, plan: RunPlan) -> float:
-    """FLOPs of one record in a distillation step: forward, backward (module docstring), recompute."""
+    """FLOPs of one record in a distillation step: forward, backward (package docstring), recompute.
+
+    Inputs that need no gradient skip their matmul's input gradient: the pixels (patch embedding) and, with a
+    frozen tower, the projector's first layer."""
     lora = lora_macs(m, plan)
     fwd = sample_flops(m, plan, lora)
     adapters = 2 * record_tokens(m, plan) * m.layers * lora
     full = plan.lora_r == 0
     vision_trains = not plan.freeze_vision
+    patch_embedding = 2 * (m.vision_tokens - 1) * m.patch_macs
+    _, first_in, first_out = m.projector_linears[0]
+    projector_input_grad = fwd.projector - 2 * m.image_tokens * first_in * first_out
     backward = (
-        (2 * fwd.vision if vision_trains else 0.0)
-        + fwd.projector * (2 if vision_trains else 1)  # weight grad; its input grad only for a trained tower
+        (2 * fwd.vision - patch_embedding if vision_trains else 0.0)
+        + fwd.projector
+        + (fwd.projector if vision_trains else projector_input_grad)
         + (fwd.linear - adapters) * (2 if full else 1)
         + 2 * adapters
         + 2 * fwd.attention

@@ -202,10 +202,10 @@ def _lookup(typed: Mapping[str, Any], raw: Mapping[str, Any], dotted: str, defau
 
 
 def sections(preset: Preset) -> dict[str, Any]:
-    """Typed teacher, student, cache and distill sections (pending keys left out); all problems at once."""
+    """Every params section, typed and validated (pending keys left out); all problems at once."""
     known = _without(preset.params, schema_unknown(preset.params))
     out, errors = {}, []
-    for name in ("teacher", "student", "cache", "distill"):
+    for name in SECTIONS:
         try:
             out[name] = from_dict(SECTIONS[name], known.get(name), name)
         except ConfigError as e:

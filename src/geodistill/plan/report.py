@@ -107,7 +107,8 @@ def _params_section(p: Plan) -> list[str]:
         "paper's Table 8 (GeoChat-7B 6,760.72 M, GeoChat-13B 13,048.66 M) counts the last row's parts at "
         f"Llama's {TABLE8_VOCAB:,}-token vocabulary: GeoChat re-creates CLIP's position embedding after "
         "freezing the tower, which leaves it trainable by flag. Each vocabulary row more (the converter's "
-        "<image>) adds 2 x hidden.",
+        f"<image>) adds 2 x hidden. Checkpoints in 16-bit: teacher {2 * p.teacher.total / 1e9:.1f} GB, "
+        f"student {2 * s.total / 1e9:.1f} GB (2 B per parameter: a weight index's total_size, less buffers).",
     ]
 
 

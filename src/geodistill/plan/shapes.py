@@ -94,14 +94,19 @@ class ModelShape:
     """Patch-embedding multiply-adds per patch."""
     image_tokens: int
     """Image tokens the LLM sees per image."""
-    projector_macs: int
-    """Projector multiply-adds per image token."""
+    projector_linears: tuple[tuple[str, int, int], ...]
+    """(name, in, out) of the projector's Linear layers, input side first."""
     largest_module: int
     """Parameters of the largest single module (ZeRO-3 gathers one at a time)."""
 
     @property
     def total(self) -> int:
         return sum(self.params.values())
+
+    @property
+    def projector_macs(self) -> int:
+        """Projector multiply-adds per image token."""
+        return sum(i * o for _, i, o in self.projector_linears)
 
     @property
     def decoder_macs(self) -> int:
@@ -155,6 +160,6 @@ def shape_of(model: LlavaForConditionalGeneration, name: str, source: str) -> Mo
         vision_layer_macs=sum(i * o for _, i, o in _linears(tower.encoder.layers[0])),
         patch_macs=patch.numel(),  # (D, 3, p, p): D x 3p^2 per patch
         image_tokens=num_image_tokens(model.config),
-        projector_macs=sum(i * o for _, i, o in _linears(model.model.multi_modal_projector)),
+        projector_linears=_linears(model.model.multi_modal_projector),
         largest_module=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in leaves),
     )
