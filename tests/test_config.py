@@ -60,8 +60,42 @@ def test_types_are_checked_and_ints_widen_to_float():
     assert cfg.kl_weight == 2.0 and isinstance(cfg.train.lr, float)
     with pytest.raises(ConfigError, match="expected bool"):
         config.from_dict(config.DistillConfig, {"onpolicy": {"enabled": "yes"}}, "distill")
-    with pytest.raises(ConfigError, match="kl must be one of"):
+    with pytest.raises(ConfigError, match=r"distill\.kl: must be one of \['reverse', .*got 'backward'"):
         config.from_dict(config.DistillConfig, {"kl": "backward"}, "distill")
+    with pytest.raises(ConfigError, match=r"cache\.encoding: must be one of \['float32', .*got 'int4'"):
+        config.from_dict(config.CacheConfig, {"encoding": "int4"}, "cache")
+
+
+@pytest.mark.parametrize("name", sorted(config.SECTIONS))
+def test_defaults_are_the_shipped_params_yaml(name):
+    """One source: a section's dataclass defaults are exactly what params.yaml sets (so a benchmark or a
+    test that uses the defaults runs the pipeline's settings)."""
+    shipped = config.load_section(name, ROOT / "params.yaml")
+    assert config.from_dict(config.SECTIONS[name], {}, name) == shipped
+    assert config.SECTIONS[name]() == shipped
+
+
+def test_long_stages_checkpoint_by_default():
+    assert config.TeacherConfig().train.checkpoint_every == 100
+    assert config.SftConfig().train.checkpoint_every == 100
+    assert config.DistillConfig().train.checkpoint_every == 50
+
+
+def test_a_nested_mapping_updates_its_own_sections_default():
+    """teacher: {train: {steps: 7}} keeps the teacher's other loop settings, not a bare TrainConfig's."""
+    changes = {"train": {"steps": 7}, "arch": {"num_layers": 2}}
+    cfg = config.from_dict(config.TeacherConfig, changes, "teacher")
+    assert cfg.train == dataclasses.replace(config.TeacherConfig().train, steps=7)
+    assert cfg.arch == dataclasses.replace(config.TeacherConfig().arch, num_layers=2)
+    assert config.TeacherConfig().train != config.TrainConfig()  # the case above can tell them apart
+    student = config.from_dict(config.StudentConfig, {"arch": {"hidden_size": 128}}, "student")
+    assert student.arch.num_layers == config.StudentConfig().arch.num_layers == 2
+
+
+def test_an_architecture_without_a_default_must_be_complete():
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(config.LlavaArch, {"hidden_size": 64}, "arch")
+    assert "arch.patch_size: missing (this field has no default)" in str(e.value)
 
 
 def test_configs_are_frozen():

@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration
 from geodistill import config
 from geodistill.cli import main
 from geodistill.errors import ConfigError
-from geodistill.models.factory import apply_lora, freeze_vision_tower
+from geodistill.models.llava import apply_lora, freeze_vision_tower
 from geodistill.plan import arithmetic as A
 from geodistill.plan.inputs import RunPlan, override_args, read_preset, run_plan, sections
 from geodistill.plan.report import build_plan

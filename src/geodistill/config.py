@@ -8,6 +8,7 @@ A stage loads only the section(s) it reads, so ``dvc.yaml`` can list exactly tho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from geodistill.cache.codec import Encoding
 from geodistill.errors import ConfigError
 
 T = TypeVar("T")
@@ -30,13 +32,13 @@ class SyntheticConfig:
     """Seed of the generator: the same seed gives byte-identical images and records."""
     image_size: int = 64
     """Side of the square scenes in pixels."""
-    grid: int = 8
+    grid: int = 4
     """Cells per side; objects sit on cells. image_size/grid should equal the ViT patch size."""
-    train_images: int = 2000
+    train_images: int = 1200
     """Training images (each yields ~8 records of all instruction types)."""
-    val_images: int = 200
+    val_images: int = 150
     """Validation images (same distribution; for tuning, never the test split)."""
-    test_images: int = 300
+    test_images: int = 150
     """Held-out test images for the four evaluation tasks."""
     pretrain_texts: int = 2000
     """Sentences in the text-only pretraining corpus D_PT."""
@@ -99,34 +101,37 @@ class ShardConfig:
 
 @dataclass(frozen=True)
 class LlavaArch:
-    """A LLaVA-1.5 architecture: CLIP ViT tower, 2-layer MLP projector, Llama-family LLM."""
+    """A LLaVA-1.5 architecture: CLIP ViT tower, 2-layer MLP projector, Llama-family LLM.
 
-    hidden_size: int = 128
+    No size has a default of its own: the teacher's and the student's defaults are in their sections.
+    """
+
+    hidden_size: int
     """LLM width."""
-    intermediate_size: int = 256
+    intermediate_size: int
     """LLM MLP width."""
-    num_layers: int = 2
+    num_layers: int
     """LLM decoder layers."""
-    num_heads: int = 4
+    num_heads: int
     """LLM attention heads."""
-    num_kv_heads: int = 4
+    num_kv_heads: int
     """LLM key/value heads (grouped-query attention when fewer than num_heads)."""
-    vision_hidden_size: int = 64
+    vision_hidden_size: int
     """CLIP tower width."""
-    vision_intermediate_size: int = 128
+    vision_intermediate_size: int
     """CLIP MLP width."""
-    vision_layers: int = 3
+    vision_layers: int
     """CLIP layers (>= 3: the feature layer must be trained; DESIGN.md)."""
-    vision_heads: int = 4
+    vision_heads: int
     """CLIP attention heads."""
-    image_size: int = 64
+    image_size: int
     """Input resolution of the tower (images are resized to it)."""
-    patch_size: int = 8
+    patch_size: int
     """ViT patch size; image tokens = (image_size / patch_size)^2."""
+    max_position_embeddings: int
+    """Longest sequence, image tokens included."""
     projector: str = "mlp2x_gelu"
     """Projector type (LLaVA-1.5's linear-GELU-linear)."""
-    max_position_embeddings: int = 512
-    """Longest sequence, image tokens included."""
 
     @property
     def num_image_tokens(self) -> int:
@@ -153,7 +158,7 @@ class TokenizerConfig:
     """build: train a tokenizer offline on the prepared corpus; path: copy a checkpoint's tokenizer."""
     path: str = ""
     """Checkpoint or tokenizer folder (source = path)."""
-    vocab_size: int = 512
+    vocab_size: int = 1024
     """Target vocabulary size when building (special and coordinate tokens included)."""
 
     def problems(self) -> list[str]:
@@ -168,6 +173,12 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training loop's settings (SFT and distillation share the loop).
+
+    The field defaults serve direct construction (tests); each params section that holds a loop
+    (``teacher.train``, ``sft.train``, ``distill.train``) has its own default, equal to params.yaml.
+    """
+
     steps: int = 100
     """Optimizer steps."""
     batch_size: int = 32
@@ -216,16 +227,40 @@ class LoraConfig:
     """LoRA dropout."""
 
 
+# The embedded default models of params.yaml: the teacher (LLM 256 x 4) clearly larger than the
+# student (96 x 2); the same CLIP tower and 16 px patches on 64 px scenes (16 image tokens).
+_TEACHER_ARCH = functools.partial(
+    LlavaArch,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=4,
+    vision_hidden_size=64,
+    vision_intermediate_size=128,
+    vision_layers=3,
+    vision_heads=4,
+    image_size=64,
+    patch_size=16,
+    max_position_embeddings=512,
+)
+_STUDENT_ARCH = functools.partial(_TEACHER_ARCH, hidden_size=96, intermediate_size=192, num_layers=2)
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     source: Literal["train", "path"] = "train"
     """train: SFT a tiny teacher here (embedded default); path: adopt a local HF LLaVA checkpoint."""
     path: str = ""
     """Checkpoint folder (source = path)."""
-    arch: LlavaArch = field(default_factory=LlavaArch)
+    arch: LlavaArch = field(default_factory=_TEACHER_ARCH)
     """Architecture when training here."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """SFT settings when training here."""
+    train: TrainConfig = field(
+        default_factory=functools.partial(
+            TrainConfig, steps=400, lr=2e-3, warmup=30, log_every=25, checkpoint_every=100
+        )
+    )
+    """SFT settings when training here (the longest stage: resumable every 100 steps)."""
 
     def problems(self) -> list[str]:
         return ["teacher.source 'path' needs teacher.path"] if self.source == "path" and not self.path else []
@@ -235,7 +270,7 @@ class TeacherConfig:
 class CacheConfig:
     k: int = 16
     """Teacher top-k tokens stored per assistant token (plus an exact tail bucket)."""
-    encoding: str = "float16"
+    encoding: Encoding = "float16"
     """Value encoding of the top-k log-probs (see geodistill.cache.codec)."""
     pooling: int = 1
     """Average pooling of the projector features over the patch grid (kernel = stride)."""
@@ -252,12 +287,12 @@ class StudentConfig:
     """build: a fresh student from ``arch``; path: start from a local HF LLaVA checkpoint."""
     path: str = ""
     """Checkpoint folder (source = path)."""
-    arch: LlavaArch = field(default_factory=LlavaArch)
+    arch: LlavaArch = field(default_factory=_STUDENT_ARCH)
     """Architecture when building."""
     init_seed: int = 0
     """Seed of the student's initial weights (baseline, control and KD share them)."""
-    freeze_vision: bool = True
-    """Freeze the CLIP tower, as GeoChat does."""
+    freeze_vision: bool = False
+    """Freeze the CLIP tower, as GeoChat does (its CLIP is pretrained; the embedded towers start random)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Optional LoRA on the language model."""
 
@@ -267,7 +302,11 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class SftConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(
+        default_factory=functools.partial(
+            TrainConfig, steps=300, lr=2e-3, warmup=30, log_every=25, checkpoint_every=100
+        )
+    )
     """SFT of the baseline student on ground truth."""
 
 
@@ -286,7 +325,8 @@ class OnPolicyConfig:
     temperature: float = 1.0
     """Sampling temperature."""
     clip: float = 3.0
-    """Clip of the per-token importance weight w_t."""
+    """Cap on the per-token importance weight w_t (binds only at temperature != 1; see
+    geodistill.distill.onpolicy.importance_weights)."""
     single_weight: float = 1.0
     """Weight of the single-step reverse-KL term on samples."""
     long_weight: float = 1.0
@@ -310,13 +350,15 @@ class DeepSpeedConfig:
         return [] if self.zero_stage in (0, 1, 2, 3) else ["zero_stage must be 0, 1, 2 or 3"]
 
 
-KL_KINDS = ("reverse", "forward", "jsd", "skew_forward", "skew_reverse")
+Divergence = Literal["reverse", "forward", "jsd", "skew_forward", "skew_reverse"]
+"""The divergence kinds; their functions are geodistill.distill.losses.DIVERGENCES (a test pins that the
+two name the same kinds; defined here so that reading a config does not import torch)."""
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    kl: str = "reverse"
-    """Divergence on cached data: reverse (the paper), forward, jsd, skew_forward, skew_reverse."""
+    kl: Divergence = "reverse"
+    """Divergence on cached data: reverse (the paper's), or one of the alternatives in ``Divergence``."""
     kl_weight: float = 1.0
     """Weight of the KL term on cached teacher top-k."""
     sft_weight: float = 0.0
@@ -325,7 +367,7 @@ class DistillConfig:
     """Weight of L_align (projector-feature MSE)."""
     pt_weight: float = 0.1
     """Weight of L_PT (language modelling on D_PT)."""
-    pt_batch_size: int = 16
+    pt_batch_size: int = 8
     """Pretraining texts per step."""
     jsd_beta: float = 0.5
     """beta of JSD(beta)."""
@@ -335,14 +377,17 @@ class DistillConfig:
     """MiniLLM on-policy terms."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(
+        default_factory=functools.partial(
+            TrainConfig, steps=150, lr=1e-3, warmup=10, log_every=10, checkpoint_every=50
+        )
+    )
     """Loop settings (the equal-compute control uses the same steps and batch size)."""
 
     def problems(self) -> list[str]:
-        out = [] if self.kl in KL_KINDS else [f"kl must be one of {KL_KINDS}, got {self.kl!r}"]
         if not 0 < self.jsd_beta < 1 or not 0 < self.skew_alpha < 1:
-            out.append("jsd_beta and skew_alpha must be in (0, 1)")
-        return out
+            return ["jsd_beta and skew_alpha must be in (0, 1)"]
+        return []
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -391,13 +436,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+def _convert(value: Any, tp: Any, where: str, errors: list[str], base: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a mapping, got {value!r}")
             return None
-        return _build(tp, value, where, errors)
+        return _build(tp, value, where, errors, base)
     if origin is Literal:
         if value not in typing.get_args(tp):
             errors.append(f"{where}: must be one of {list(typing.get_args(tp))}, got {value!r}")
@@ -422,7 +467,19 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     return value
 
 
-def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T | None:
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one from its factory), or MISSING for a required field."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str], base: Any = None) -> T | None:
+    """``cls`` from ``data`` over ``base`` (default: the field defaults); problems go to ``errors``.
+
+    A nested mapping updates the enclosing field's default, so ``teacher: {train: {steps: 10}}`` keeps
+    the rest of the teacher's own loop settings, not those of a bare ``TrainConfig()``.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
@@ -431,11 +488,15 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
     kwargs = {}
     n_before = len(errors)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        default = _default(f) if base is None else getattr(base, f.name)
         if f.name in data:
-            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{where}.{f.name}", errors)
+            nested_base = default if dataclasses.is_dataclass(default) else None
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{where}.{f.name}", errors, nested_base)
+        elif default is dataclasses.MISSING:
+            errors.append(f"{where}.{f.name}: missing (this field has no default)")
     if len(errors) > n_before:
         return None
-    obj = cls(**kwargs)
+    obj = cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     problems = getattr(obj, "problems", None)
     if problems is not None:
         errors.extend(f"{where}: {p}" for p in problems())

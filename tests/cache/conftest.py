@@ -3,7 +3,9 @@ a saved, fingerprinted teacher, shared by the builder tests (built once per sess
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,23 +23,6 @@ from geodistill.models.llava import build_llava
 from geodistill.models.tokenizer import build_tokenizer
 from geodistill.models.transform import ImageTransform
 
-TEACHER_ARCH = LlavaArch(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=2,
-    vision_hidden_size=32,
-    vision_intermediate_size=64,
-    vision_layers=3,
-    vision_heads=2,
-    image_size=32,
-    patch_size=8,
-    max_position_embeddings=256,
-)
-"""16 image tokens per image (a 4 x 4 patch grid, so pooling 2 and 4 both apply)."""
-STUDENT_ARCH = LlavaArch(**{**TEACHER_ARCH.__dict__, "hidden_size": 32, "intermediate_size": 64})
-"""Another width, the same tokenizer and image tokens."""
 LOGIT_SCALE = 25.0
 """The teacher's lm_head is scaled up so its next-token distributions are peaked like a trained model's
 (a fresh init is near-uniform over the vocabulary: no meaningful top-k, tail mass ~1, near-ties)."""
@@ -50,11 +35,13 @@ class TinyPipeline:
     shards: Path
     """10 images, 3 per shard: 4 shards of ~76 records in all."""
     teacher: Path
-    """A saved LLaVA of TEACHER_ARCH with ``fingerprint.json`` (what the teacher stage leaves)."""
+    """A saved LLaVA of ``teacher_arch`` with ``fingerprint.json`` (what the teacher stage leaves)."""
     tok: PreTrainedTokenizerFast
     manifest: dict[str, Any]
-    teacher_arch: LlavaArch = TEACHER_ARCH
-    student_arch: LlavaArch = STUDENT_ARCH
+    teacher_arch: LlavaArch
+    """The tiny architecture: 16 image tokens per image (a 4 x 4 patch grid, so pooling 2 and 4 apply)."""
+    student_arch: LlavaArch
+    """Another width, the same tokenizer and image tokens."""
 
 
 def corpus(prepared: Path) -> list[str]:
@@ -66,7 +53,7 @@ def corpus(prepared: Path) -> list[str]:
     return texts
 
 
-def make_pipeline(root: Path) -> TinyPipeline:
+def make_pipeline(root: Path, teacher_arch: LlavaArch, student_arch: LlavaArch) -> TinyPipeline:
     data = DataConfig(
         synthetic=SyntheticConfig(
             image_size=32, grid=4, train_images=10, val_images=1, test_images=1, pretrain_texts=2
@@ -77,14 +64,20 @@ def make_pipeline(root: Path) -> TinyPipeline:
     manifest = write_shards(prepared / "train.jsonl", prepared, shards, maxcount=3, maxsize=10**9)
     assert len(manifest["shards"]) >= 3
     tok = build_tokenizer(corpus(prepared), 400)
-    model = build_llava(TEACHER_ARCH, tok, seed=0)
+    model = build_llava(teacher_arch, tok, seed=0)
     with torch.no_grad():
         model.lm_head.weight.mul_(LOGIT_SCALE)
-    save_llava(model, tok, ImageTransform(TEACHER_ARCH.image_size), teacher)
+    save_llava(model, tok, ImageTransform(teacher_arch.image_size), teacher)
     write_fingerprint(teacher)
-    return TinyPipeline(root, prepared, shards, teacher, tok, load_manifest(shards))
+    manifest = load_manifest(shards)
+    return TinyPipeline(root, prepared, shards, teacher, tok, manifest, teacher_arch, student_arch)
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
-    return make_pipeline(tmp_path_factory.mktemp("pipeline"))
+def pipeline(
+    tmp_path_factory: pytest.TempPathFactory, tiny_arch: Callable[..., LlavaArch]
+) -> TinyPipeline:
+    # Two heads (32-wide heads) and a 256-token context: what this pipeline's teacher was tuned with.
+    teacher = tiny_arch(num_heads=2, num_kv_heads=2, vision_heads=2, max_position_embeddings=256)
+    student = dataclasses.replace(teacher, hidden_size=32, intermediate_size=64)
+    return make_pipeline(tmp_path_factory.mktemp("pipeline"), teacher, student)

@@ -24,15 +24,9 @@ import zarr
 
 from geodistill.bench import cache as bench_cache
 from geodistill.cache import codec, store
-from geodistill.cache.build import (
-    build_cache,
-    build_shard,
-    record_key,
-    shard_batches,
-    teacher_signals,
-    topk_signals,
-)
-from geodistill.cache.store import CacheReader, CacheWriter, TeacherTokens
+from geodistill.cache.build import build_cache, build_shard, shard_batches, teacher_signals, topk_signals
+from geodistill.cache.fingerprint import cache_fingerprint
+from geodistill.cache.store import CacheReader, CacheWriter, TeacherTokens, record_key
 from geodistill.config import CacheConfig
 from geodistill.data.collate import IGNORE, Example, collate
 from geodistill.data.shards import iter_shard, write_shards
@@ -493,6 +487,13 @@ def test_two_process_build_equals_the_one_process_build(pipeline, built, tmp_pat
 
 
 # ------------------------------------------------------------------------------------ refusal
+
+
+def test_readers_expect_the_fingerprint_the_builder_wrote(pipeline, built):
+    path, stats = built(BASE)
+    expected = cache_fingerprint(pipeline.teacher, pipeline.manifest, BASE, len(pipeline.tok))
+    assert stats["fingerprint"] == expected and expected["teacher_dtype"] == "float32"
+    assert dict(zarr.open_group(path, mode="r").attrs)["fingerprint"] == expected
 
 
 def test_a_store_for_another_fingerprint_is_refused(pipeline, built, tmp_path):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geodistill.cache import codec, store
+from geodistill.cache.fingerprint import TEACHER_DTYPE, make_fingerprint
 from geodistill.errors import CacheError
 
 VOCAB = 300
@@ -25,11 +26,13 @@ def fingerprint(k: int = 4, encoding: str = "uint8_log", **changes: Any) -> dict
         manifest_sha256="man",
         template="vicuna_v1",
         vocab_size=VOCAB,
+        max_len=64,
         k=k,
         pooling=1,
         encoding=encoding,
+        teacher_dtype=TEACHER_DTYPE,
     )
-    return store.make_fingerprint(**{**fields, **changes})
+    return make_fingerprint(**{**fields, **changes})
 
 
 def record(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,18 +173,6 @@ def test_fingerprint_mismatch_is_refused(tmp_path: Path) -> None:
     # mode "w" is the explicit rebuild: it replaces the store.
     store.open_cache(path, other, mode="w")
     store.open_cache(path, other, mode="r")
-
-
-def test_fingerprint_mismatch_lines() -> None:
-    a = {"k": 16, "template": "vicuna_v1", "pooling": 1}
-    b = {"k": 16, "template": "llama3", "extra": [1, 2]}
-    assert store.fingerprint_mismatch(a, b) == [
-        "extra: the cache has [1, 2], not expected at all",
-        "pooling: missing in the cache, expected 1",
-        "template: the cache has 'llama3', expected 'vicuna_v1'",
-    ]
-    assert store.fingerprint_mismatch(a, dict(a)) == []
-    assert store.fingerprint_mismatch({"shape": (1, 2)}, {"shape": [1, 2]}) == []  # JSON view
 
 
 def test_missing_cache(tmp_path: Path) -> None:

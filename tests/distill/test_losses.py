@@ -1,29 +1,37 @@
 import math
+import typing
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from geodistill import config
+from geodistill.cache import codec
+from geodistill.data.collate import IGNORE
 from geodistill.distill.losses import (
+    DIVERGENCES,
+    MIN_TAIL_PROB,
     FeatureAdapter,
     distill_kl,
     feature_align_loss,
     forward_kl,
-    jsd,
     lm_loss,
     make_adapter,
     reverse_kl,
-    skew_forward_kl,
-    skew_reverse_kl,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
 )
 from geodistill.errors import ModelError, TrainingError
 
-KINDS = ("reverse", "forward", "jsd", "skew_forward", "skew_reverse")
+KINDS = tuple(DIVERGENCES)
 BETA, ALPHA = 0.3, 0.1
+
+
+def test_config_and_losses_name_the_same_divergences():
+    assert set(KINDS) == set(typing.get_args(config.Divergence))
 
 
 def dense(kind: str, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
@@ -50,14 +58,7 @@ def dense(kind: str, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Te
 
 
 def bucketed(kind: str, s_logits, ids, lps) -> torch.Tensor:
-    fn = {
-        "reverse": reverse_kl,
-        "forward": forward_kl,
-        "jsd": lambda *a: jsd(*a, beta=BETA),
-        "skew_forward": lambda *a: skew_forward_kl(*a, alpha=ALPHA),
-        "skew_reverse": lambda *a: skew_reverse_kl(*a, alpha=ALPHA),
-    }[kind]
-    return fn(s_logits, ids, lps)
+    return DIVERGENCES[kind](s_logits, ids, lps, BETA, ALPHA)
 
 
 def teacher_topk(t_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +104,97 @@ def test_teacher_tail_of_quantised_cache_is_stable():
     lps = torch.tensor([[math.log(0.6), math.log(0.4) + 1e-3], [-1e-9, -30.0]], dtype=torch.float32)
     out = teacher_bucket_logprobs(lps.half())
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out[:, :2].logsumexp(-1), torch.zeros(2), atol=1e-6, rtol=0)  # renormalised
-    assert (out[:, 2] >= math.log(1e-10) - 1e-4).all()
+    torch.testing.assert_close(out.logsumexp(-1), torch.zeros(2), atol=1e-6, rtol=0)  # renormalised
+    torch.testing.assert_close(out[:, 2], torch.full((2,), math.log(MIN_TAIL_PROB)))  # the lost tail
     # a tiny but representable tail survives (expm1, not 1 - exp)
     tiny = teacher_bucket_logprobs(torch.tensor([[math.log1p(-1e-7)]], dtype=torch.float64))
     torch.testing.assert_close(tiny[0, 1], torch.tensor(math.log(1e-7), dtype=torch.float64))
+
+
+def teacher_with_tail(n: int, v: int, k: int, tail: float, seed: int) -> torch.Tensor:
+    """(n, V) float64 teacher logits whose last V - k tokens hold exactly ``tail`` of the mass."""
+    g = torch.Generator().manual_seed(seed)
+    top = torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64), -1) * (1 - tail)  # (n, k)
+    rest = torch.softmax(torch.randn(n, v - k, generator=g, dtype=torch.float64), -1) * tail  # (n, V-k)
+    return torch.cat([top, rest], -1).log()
+
+
+def reference(kind: str, s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The (k + 1)-bucket divergence in float64 from the full distributions, tails summed directly (not as
+    1 - sum(top-k)), so a tail of 1e-12 is exact to float64 precision."""
+    buckets = []
+    for z in (s_logits, t_logits):
+        lp = F.log_softmax(z.double(), -1)  # (N, V)
+        rest = lp.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True)  # (N, 1)
+        buckets.append(torch.cat([lp.gather(-1, ids), rest], -1))
+    return dense(kind, *buckets)  # dense() re-normalises log-probs: a no-op on normalised rows
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail", [1e-3, 1e-6, 1e-9, 1e-10, 1e-11, 1e-12])
+def test_tiny_teacher_tails_are_exact_not_floored(kind, tail):
+    """A teacher tail below MIN_TAIL_PROB is a real tail: reverse KL grows as the student puts mass where
+    the teacher has almost none (flooring every tail at 1e-10 took q_tail * log(100) nats off at 1e-12)."""
+    v, k = 12, 4
+    s, _ = draw(6, v, 20, scale=1.0)
+    t = teacher_with_tail(6, v, k, tail, seed=21)
+    ids, lps = teacher_topk(t, k)
+    assert (ids < k).all()  # the construction put the top-k first
+    exact = reference(kind, s.detach(), t, ids)
+    # 1 - sum(top-k) in float64 has a relative error of ~1e-16 / tail: the only inexact step.
+    rtol = 1e-9 + 1e-15 / tail
+    torch.testing.assert_close(bucketed(kind, s.detach(), ids, lps), exact, rtol=rtol, atol=1e-12)
+
+
+def test_only_a_tail_lost_to_rounding_is_floored():
+    # Row 0: a representable tail of 1e-12; row 1: the mass rounded past 1, the tail is lost.
+    lps = [[math.log(0.5), math.log(0.5 - 1e-12)], [math.log(0.5), math.log(0.5) + 1e-7]]
+    out = teacher_bucket_logprobs(torch.tensor(lps, dtype=torch.float64))
+    torch.testing.assert_close(out[0, 2].exp(), torch.tensor(1e-12, dtype=torch.float64), rtol=1e-3, atol=0)
+    torch.testing.assert_close(out[1, 2], torch.tensor(math.log(MIN_TAIL_PROB), dtype=torch.float64))
+    torch.testing.assert_close(out.logsumexp(-1), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def encoded_cache(t_logits: torch.Tensor, encoding: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The whole vocabulary as the cache holds it: ids, decoded log-probs and the codec's error bound."""
+    lp, ids = F.log_softmax(t_logits.double(), -1).sort(-1, descending=True)
+    decoded = codec.decode_values(codec.encode_values(lp.numpy(), encoding), encoding)
+    return ids, torch.from_numpy(decoded), codec.error_bound(lp.numpy(), encoding)
+
+
+def kl_bounds(p: np.ndarray, q: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Largest |error| of reverse and forward KL when each log p_i is off by at most b_i and the row is
+    then renormalised: |log p^_i - log p_i| <= D_i = b_i + max |log sum_j p_j exp(+-b_j)|."""
+    shift = np.maximum(np.log((p * np.exp(b)).sum(-1)), -np.log((p * np.exp(-b)).sum(-1)))  # (N,)
+    d = b + shift[:, None]  # (N, V)
+    reverse = (q * d).sum(-1)
+    forward = (p * np.expm1(d) * np.abs(np.log(p) - np.log(q))).sum(-1) + (p * np.exp(d) * d).sum(-1)
+    return reverse, forward
+
+
+@pytest.mark.parametrize("encoding", ["float16", "uint8_log"])
+def test_k_equal_v_with_an_encoded_cache_is_the_dense_kl_within_the_codec_bound(encoding):
+    n, v = 16, 512
+    s, t = draw(n, v, 30, scale=3.0)
+    ids, lps, b = encoded_cache(t, encoding)  # (N, V) each, lps float32
+    log_p = teacher_bucket_logprobs(lps, vocab_size=v)
+    # The encoded row's mass is 1 only up to the encoding's error (float16: ~1e-3 at V = 512) ...
+    assert (lps.double().logsumexp(-1).abs() > 1e-5).any()
+    # ... so the k = V buckets renormalise it: divergences of identical distributions stay >= 0.
+    torch.testing.assert_close(log_p.logsumexp(-1), torch.zeros(n), rtol=0, atol=1e-6)
+    same = t.float()
+    for fn in (reverse_kl, forward_kl):
+        out = fn(same, ids, lps)
+        # only the encoding's rounding separates them: ~1e-6 nats, the size of float32 rounding of the sum
+        assert (out >= 0).all() and out.mean() > 0 and (out < 1e-4).all()
+    p = F.softmax(t, -1).gather(-1, ids).numpy()
+    q = F.softmax(s.detach(), -1).gather(-1, ids).numpy()
+    bound_r, bound_f = kl_bounds(p, q, b)
+    slack = 1e-4  # float32 arithmetic over 512 terms
+    for fn, kind, bound in ((reverse_kl, "reverse", bound_r), (forward_kl, "forward", bound_f)):
+        got = fn(s.detach().float(), ids, lps).double().numpy()
+        want = dense(kind, s.detach(), t).numpy()
+        assert (np.abs(got - want) <= bound + slack).all(), (kind, np.abs(got - want).max(), bound.min())
 
 
 # ------------------------------------------------------------------------------------------ exactness
@@ -224,13 +311,19 @@ def test_topk_may_hold_only_the_selected_tokens():
     torch.testing.assert_close(packed, dense_rows)
 
 
-def test_empty_mask_gives_zero_with_graph():
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_mask_gives_an_exact_zero_that_reads_no_logit(kind, dtype):
     s, t = draw(3, 5, 9)
     ids, lps = teacher_topk(t, 2)
-    loss = distill_kl("forward", s, ids, lps, torch.zeros(3, dtype=torch.bool))
-    assert loss.item() == 0.0
-    loss.backward()
-    assert (s.grad == 0).all()
+    garbage = s.detach().to(dtype).clone()
+    garbage[0, 1], garbage[1], garbage[2, 0] = float("nan"), float("inf"), -float("inf")  # masked anyway
+    garbage.requires_grad_()
+    for topk in ((ids, lps), (ids[:0], lps[:0])):  # dense rows, or the (0, k) selected rows of a cache
+        loss = distill_kl(kind, garbage, *topk, torch.zeros(3, dtype=torch.bool))
+        assert loss.item() == 0.0 and loss.requires_grad
+        (g,) = torch.autograd.grad(loss, garbage)
+        assert (g == 0).all()
 
 
 def test_unknown_kind_and_bad_coefficients_are_clear_errors():
@@ -282,7 +375,7 @@ def test_feature_align_shape_mismatch_is_clear():
 
 def test_lm_loss_shifts_and_ignores():
     logits = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([[-100, 3, 5, -100], [-100, -100, 1, 6]])
+    labels = torch.tensor([[IGNORE, 3, 5, IGNORE], [IGNORE, IGNORE, 1, 6]])
     expected = -torch.stack(
         [
             F.log_softmax(logits[0, 0], -1)[3],
@@ -292,5 +385,22 @@ def test_lm_loss_shifts_and_ignores():
         ]
     ).mean()
     torch.testing.assert_close(lm_loss(logits, labels), expected)
-    empty = lm_loss(logits, torch.full((2, 4), -100))
+    empty = lm_loss(logits, torch.full((2, 4), IGNORE))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_lm_loss_never_reads_an_ignored_position():
+    """NaN/inf logits at prompt or padding positions (fp16 overflow) reach neither the loss nor a gradient."""
+    clean = torch.randn(2, 4, 7, dtype=torch.float64)
+    labels = torch.tensor([[IGNORE, 3, 5, IGNORE], [IGNORE, IGNORE, 1, 6]])
+    dirty = clean.clone()
+    dirty[0, 2:], dirty[1, 0], dirty[1, 3, 2] = float("nan"), float("inf"), -float("inf")  # uncounted rows
+    dirty.requires_grad_()
+    loss = lm_loss(dirty, labels)
+    torch.testing.assert_close(loss, lm_loss(clean, labels))
+    (g,) = torch.autograd.grad(loss, dirty)
+    assert torch.isfinite(g).all() and (g[0, 2:] == 0).all() and (g[1, 0] == 0).all()
+    empty = lm_loss(dirty, torch.full((2, 4), IGNORE))
+    assert empty.item() == 0.0
+    (g,) = torch.autograd.grad(empty, dirty)
+    assert (g == 0).all()

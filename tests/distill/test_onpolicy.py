@@ -278,3 +278,45 @@ def test_long_term_gradient_is_weighted_reinforce(student, teacher, prompts):
             continue
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     assert math.isfinite(long.item())
+
+
+def test_single_step_gradient_is_the_weighted_kl_gradient(student, teacher, prompts):
+    """grad(single) = (1/n) sum w_t grad KL(q_t || p_t) = -(1/n) sum w_t grad E_{y~q_t}[r_t]: descending it
+    lowers the reverse KL (the sign the module docstring states)."""
+    s = sample(student, teacher, prompts, alpha=0.5, eos_token_id=[-1], max_new_tokens=4)
+    params = [p for p in student.parameters() if p.requires_grad]
+    single = onpolicy_losses(student, teacher, s, clip=None)["single"]
+    g_single = torch.autograd.grad(single, params, allow_unused=True)
+
+    ids = torch.cat([s.input_ids, s.response_ids], 1)
+    mask = torch.cat([s.attention_mask, torch.ones_like(s.response_ids)], 1)
+    positions = position_ids_from_mask(mask)
+    logits = student(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=s.pixel_values)
+    length, t = s.input_ids.shape[1], s.response_ids.shape[1]
+    log_q = F.log_softmax(logits.logits[:, length - 1 : length - 1 + t].float(), -1)  # (B, T, V)
+    log_p = F.log_softmax(full_logits(teacher, s), -1)
+    w = (log_q.gather(-1, s.response_ids[..., None])[..., 0].detach() - s.logmix).exp()
+    expected_reward = (log_q.exp() * (log_p - log_q)).sum(-1)  # E_{y ~ q_t}[r_t] = -KL(q_t || p_t)
+    manual = -(w * expected_reward).sum() / s.response_mask.sum()
+    g_manual = torch.autograd.grad(manual, params, allow_unused=True)
+    for a, b in zip(g_single, g_manual, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert single > 0
+
+
+def test_no_response_token_gives_an_exact_zero_that_reads_no_logit(student, teacher, prompts):
+    s = sample(student, teacher, prompts, alpha=0.2)
+    empty = SampleBatch(**{**vars(s), "response_mask": torch.zeros_like(s.response_mask)})
+    # Every student logit NaN (an fp16 overflow, say), still in the graph: nothing of it may reach the zero.
+    hook = student.lm_head.register_forward_hook(lambda _m, _i, out: out + float("nan"))
+    try:
+        out = onpolicy_losses(student, teacher, empty)
+    finally:
+        hook.remove()
+    for key in ("single", "long", "total"):
+        assert out[key].item() == 0.0 and out[key].requires_grad
+    grads = torch.autograd.grad(out["total"], list(student.parameters()), allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads)

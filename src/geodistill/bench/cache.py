@@ -1,14 +1,16 @@
 """Teacher-cache stage benchmark: bytes on disk, builder throughput, and the top-k approximation error.
 
     python -m geodistill.bench.cache --model PATH [--shards DIR] [--k 4 8 16 32 64] [--batch-size 64]
-        [--encoding uint8_log float16 float32] [--pooling 1 2] [--batches 6] [--repeats 3]
+        [--encoding float16 float32 uint8_log] [--pooling 1 2] [--batches 6] [--repeats 3]
 
 ``--model``: any local Hugging Face checkpoint (or pipeline model folder, ``adopted.json`` included). A
 LLaVA (``model_type: llava``) runs on the pipeline's shards with their images, through the builder's
 own per-shard loop; any other model loads with ``AutoModelForCausalLM`` and runs on the same records
 as text-only vicuna_v1 prompts (no image, no features). Without ``--shards`` a small synthetic set is
-generated in a temporary folder. Only the first ``--batches`` batches are used. One torch thread;
-``--device`` defaults to cuda when available.
+generated in a temporary folder, with the pipeline's scene settings (``data.synthetic``). Only the first
+``--batches`` batches are used. One torch thread; ``--device`` defaults to cuda when available. The
+defaults of k, batch size, encoding (the first one is timed) and pooling include the pipeline's
+(``cache.*``).
 
 It prints:
 
@@ -62,13 +64,15 @@ from geodistill.cache.build import (
     teacher_signals,
     topk_signals,
 )
-from geodistill.config import DataConfig, SyntheticConfig
+from geodistill.cache.fingerprint import scratch_fingerprint
+from geodistill.config import CacheConfig, DataConfig, SyntheticConfig
 from geodistill.data.collate import IGNORE, Batch, Example, collate
 from geodistill.data.prepare import prepare
 from geodistill.data.shards import load_manifest, write_shards
 from geodistill.data.template import encode_conversation
 from geodistill.distill.losses import reverse_kl
 from geodistill.errors import ModelError
+from geodistill.markdown import table
 from geodistill.models.checkpoints import ensure_offline, load_for_inference, resolve
 from geodistill.models.features import pool_image_features
 from geodistill.models.llava import num_image_tokens
@@ -203,13 +207,6 @@ def keyed_batches(teacher: Teacher, shard_dir: Path, batch_size: int, n: int) ->
     return itertools.islice(itertools.chain.from_iterable(per_shard), n)
 
 
-def bench_fingerprint(vocab_size: int, k: int, encoding: str, pooling: int = 1) -> dict[str, Any]:
-    hashes = dict(teacher_sha256="bench", tokenizer_sha256="bench", manifest_sha256="bench")
-    return store.make_fingerprint(
-        **hashes, template="bench", vocab_size=vocab_size, k=k, pooling=pooling, encoding=encoding
-    )
-
-
 def disk_bytes(array_dir: Path) -> int:
     """Bytes of an array's chunk files (its zarr.json excluded: constant per shard, not per token)."""
     return sum(p.stat().st_size for p in (array_dir / "c").rglob("*") if p.is_file())
@@ -235,7 +232,7 @@ def throughput(
 ) -> dict[str, float]:
     """Median seconds of: bare forward, full build with and without overlap, and a sequential profile."""
     pre = list(batches())  # pre-collated copies for the bare forward and the profile
-    fp = bench_fingerprint(teacher.vocab_size, k, encoding)
+    fp = scratch_fingerprint(teacher.vocab_size, k, encoding)
 
     def signals(batch: Any) -> TeacherOutput:
         return teacher.signals(batch, k)
@@ -382,7 +379,7 @@ def write_sizes(
     path = workdir / f"sizes-{k}-{encoding}-{pooling}.zarr"
     shutil.rmtree(path, ignore_errors=True)
     by_id = {id(kb.batch): sliced(out, k, pooling) for kb, out in col.outputs}
-    with store.CacheWriter(path, bench_fingerprint(vocab, k, encoding, pooling or 1)).shard("bench") as sw:
+    with store.CacheWriter(path, scratch_fingerprint(vocab, k, encoding, pooling or 1)).shard("bench") as sw:
         build_shard(lambda b: by_id[id(b)], (kb for kb, _ in col.outputs), sw, overlap=False)
     group = path / "bench"
     sizes = {p.name: disk_bytes(p) for p in group.iterdir() if p.is_dir()}
@@ -393,33 +390,117 @@ def write_sizes(
 # -------------------------------------------------------------------------------------------- main
 
 
-def _table(columns: list[str], rows: list[list[str]]) -> None:
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
-
-
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options; k, batch size, encoding and pooling default to the pipeline's (cache.*)."""
+    cfg = CacheConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="local HF causal LM or LLaVA checkpoint")
     ap.add_argument("--shards", type=Path, help="a shard folder with manifest.json (default: synthetic)")
-    ap.add_argument("--k", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--encoding", nargs="+", default=["uint8_log", "float16", "float32"])
-    ap.add_argument("--pooling", type=int, nargs="+", default=[1, 2], help="feature pooling for (a)")
+    ap.add_argument("--k", type=int, nargs="+", default=sorted({4, 8, cfg.k, 32, 64}))
+    ap.add_argument("--batch-size", type=int, default=cfg.batch_size)
+    others = [e for e in codec.ENCODINGS if e != cfg.encoding]
+    ap.add_argument("--encoding", nargs="+", default=[cfg.encoding, *others], help="the first one is timed")
+    ap.add_argument("--pooling", type=int, nargs="+", default=sorted({cfg.pooling, 2}), help="for (a)")
     ap.add_argument("--batches", type=int, default=6, help="batches used (the first ones)")
     ap.add_argument("--repeats", type=int, default=3, help="timing rounds for (b); medians are printed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--throughput-k", type=int, default=16, help="k of the build timed in (b)")
+    ap.add_argument("--throughput-k", type=int, default=cfg.k, help="k of the build timed in (b)")
     args = ap.parse_args(argv)
     for enc in args.encoding:
         codec.check_encoding(enc)
+    return args
+
+
+def print_sizes(
+    col: Collected, teacher: Teacher, ks: list[int], args: argparse.Namespace, work: Path
+) -> None:
+    """(a): bytes per cached token for each k and encoding, and bytes per image for each pooling."""
+    n_tok = sum(len(out.target_logprob) for _, out in col.outputs)
+    print("(a) bytes per cached token on disk (Blosc zstd-3 + shuffle, chunk files of the store)\n")
+    rows = []
+    for k in ks:
+        for enc in args.encoding:
+            sizes = write_sizes(col, teacher.vocab_size, k, enc, None, work)
+            ids = sizes["topk_ids"]
+            values = sum(sizes[name] for name in codec.value_arrays(enc, k))
+            target = sizes["target_logprob"]
+            per_token = [f"{b / n_tok:.2f}" for b in (ids, values, ids + values, ids + values + target)]
+            rows.append([k, enc, *per_token, (2 + 2) * k + 4])
+    print(table(["k", "encoding", "ids", "values", "ids+values", "+ target", "raw u16+f16+f32"], rows) + "\n")
+    if teacher.kind != "llava":
+        return
+    n_img = sum(len(set(kb.image_keys)) for kb, _ in col.outputs)
+    p_full, d = col.outputs[0][1].features.shape[1:]
+    rows = []
+    for pool in args.pooling:
+        feats = write_sizes(col, teacher.vocab_size, ks[0], args.encoding[0], pool, work)["features"]
+        p = p_full // pool**2
+        rows.append([pool, f"{p} x {d}", f"{feats / n_img:,.0f}", f"{p * d * 2:,}"])
+    print(f"bytes per image on disk (float16 projector features, {n_img} images)\n")
+    print(table(["pooling", "P' x D", "bytes/image", "raw"], rows) + "\n")
+
+
+def print_throughput(
+    teacher: Teacher, batches: Callable[[], Iterator[KeyedBatch]], args: argparse.Namespace, work: Path
+) -> None:
+    """(b): bare teacher forward against the builder's loop, sequential and overlapped."""
+    print(
+        f"(b) throughput at k = {args.throughput_k}, encoding {args.encoding[0]} "
+        f"(medians of {args.repeats} rounds after warm-up; 1 torch thread)\n"
+    )
+    t = throughput(teacher, batches, args.throughput_k, args.encoding[0], work, args.repeats)
+    loops = [
+        ("bare teacher forward (pre-collated)", "bare"),
+        ("build, sequential (build_cache on CPU)", "build_sequential"),
+        ("build, overlapped (build_cache on GPU)", "build"),
+    ]
+    rows = [
+        [name, f"{t[key]:.3f}", f"{t['tokens'] / t[key]:,.0f}", f"{t.get(f'ratio_{key}', 1.0):.3f}"]
+        for name, key in loops
+    ]
+    print(table(["loop", "seconds", "supervised tok/s", "ratio to bare (paired)"], rows) + "\n")
+    device = torch.device(args.device).type
+    used = "build" if device == "cuda" else "build_sequential"
+    print(
+        f"throughput ratio of build_cache on {device}: {t[f'ratio_{used}']:.3f} (target >= 0.9)\n"
+        "sequential profile (s): "
+        + ", ".join(f"{n} {t[n]:.3f}" for n in ("read_collate", "forward_topk", "write"))
+        + f" (forward_topk - bare forward = top-k extraction: {t['forward_topk'] - t['bare']:+.3f})\n"
+    )
+
+
+def print_kl(col: Collected, ks: list[int], encodings: Sequence[str]) -> None:
+    """(c): the top-k reconstruction error and the bucket KL against the exact one."""
+    print("(c) top-k approximation error (means over supervised tokens, nats)\n")
+    rows = []
+    exact_student = float(np.mean(col.student_exact))
+    for k in ks:
+        exact = float(np.mean(col.kl[(k, "exact")]))
+        row = [k, f"{np.mean(col.tail[k]):.4f}", f"{exact:.4g}"]
+        row += [f"{np.mean(col.kl[(k, enc)]) - exact:+.1e}" for enc in encodings]
+        bucket = float(np.mean(col.student[k]))
+        row += [f"{bucket:.4f}", f"{exact_student:.4f}", f"{bucket / exact_student:.3f}"]
+        rows.append(row)
+    columns = ["k", "tail mass", "KL(p || p_k)"] + [f"+ {enc} rounding" for enc in encodings]
+    columns += [
+        f"(k+1)-bucket KL(q || p), T = {STUDENT_TEMPERATURE:g}",
+        "exact KL(q || p)",
+        "bucket / exact",
+    ]
+    print(table(columns, rows) + "\n")
+    print(
+        "p_k: the top-k kept, the tail mass spread uniformly over the other V - k tokens.\n"
+        "The losses see the (k+1)-bucket KL, a lower bound of the exact KL over the vocabulary\n"
+        "(merging tokens into one tail bucket cannot increase a divergence: data-processing\n"
+        "inequality); it is exact at k = V."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    teacher = load_teacher(args.model, device)
+    teacher = load_teacher(args.model, torch.device(args.device))
     ks = sorted(k for k in args.k if k <= teacher.vocab_size)
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         work = Path(tmp)
@@ -436,77 +517,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{n_tok} supervised tokens in {len(col.outputs)} batches of <= {args.batch_size}; "
             f"shards {'(synthetic)' if args.shards is None else args.shards}\n"
         )
-
-        print("(a) bytes per cached token on disk (Blosc zstd-3 + shuffle, chunk files of the store)\n")
-        rows = []
-        for k in ks:
-            for enc in args.encoding:
-                sizes = write_sizes(col, teacher.vocab_size, k, enc, None, work)
-                ids = sizes["topk_ids"]
-                values = sum(sizes[name] for name in codec.value_arrays(enc, k))
-                target = sizes["target_logprob"]
-                rows.append([str(k), enc, *(f"{b / n_tok:.2f}" for b in (ids, values, ids + values))])
-                rows[-1] += [f"{(ids + values + target) / n_tok:.2f}", f"{(2 + 2) * k + 4}"]
-        _table(["k", "encoding", "ids", "values", "ids+values", "+ target", "raw u16+f16+f32"], rows)
-        if teacher.kind == "llava":
-            n_img = sum(len(set(kb.image_keys)) for kb, _ in col.outputs)
-            shape = col.outputs[0][1].features.shape[1:]  # (P, D)
-            rows = []
-            for pool in args.pooling:
-                feats = write_sizes(col, teacher.vocab_size, ks[0], args.encoding[0], pool, work)["features"]
-                p = shape[0] // pool**2
-                rows.append(
-                    [str(pool), f"{p} x {shape[1]}", f"{feats / n_img:,.0f}", f"{p * shape[1] * 2:,}"]
-                )
-            print(f"bytes per image on disk (float16 projector features, {n_img} images)\n")
-            _table(["pooling", "P' x D", "bytes/image", "raw"], rows)
-
-        print(
-            f"(b) throughput at k = {args.throughput_k}, encoding {args.encoding[0]} "
-            f"(medians of {args.repeats} rounds after warm-up; 1 torch thread)\n"
-        )
-        t = throughput(teacher, batches, args.throughput_k, args.encoding[0], work, args.repeats)
-        loops = [
-            ("bare teacher forward (pre-collated)", "bare"),
-            ("build, sequential (build_cache on CPU)", "build_sequential"),
-            ("build, overlapped (build_cache on GPU)", "build"),
-        ]
-        rows = [
-            [name, f"{t[key]:.3f}", f"{t['tokens'] / t[key]:,.0f}", f"{t.get(f'ratio_{key}', 1.0):.3f}"]
-            for name, key in loops
-        ]
-        _table(["loop", "seconds", "supervised tok/s", "ratio to bare (paired)"], rows)
-        used = "build" if device.type == "cuda" else "build_sequential"
-        print(
-            f"throughput ratio of build_cache on {device.type}: {t[f'ratio_{used}']:.3f} (target >= 0.9)\n"
-            "sequential profile (s): "
-            + ", ".join(f"{n} {t[n]:.3f}" for n in ("read_collate", "forward_topk", "write"))
-            + f" (forward_topk - bare forward = top-k extraction: {t['forward_topk'] - t['bare']:+.3f})\n"
-        )
-
-        print("(c) top-k approximation error (means over supervised tokens, nats)\n")
-        rows = []
-        exact_student = float(np.mean(col.student_exact))
-        for k in ks:
-            exact = float(np.mean(col.kl[(k, "exact")]))
-            row = [str(k), f"{np.mean(col.tail[k]):.4f}", f"{exact:.4g}"]
-            row += [f"{np.mean(col.kl[(k, enc)]) - exact:+.1e}" for enc in args.encoding]
-            bucket = float(np.mean(col.student[k]))
-            row += [f"{bucket:.4f}", f"{exact_student:.4f}", f"{bucket / exact_student:.3f}"]
-            rows.append(row)
-        columns = ["k", "tail mass", "KL(p || p_k)"] + [f"+ {enc} rounding" for enc in args.encoding]
-        columns += [
-            f"(k+1)-bucket KL(q || p), T = {STUDENT_TEMPERATURE:g}",
-            "exact KL(q || p)",
-            "bucket / exact",
-        ]
-        _table(columns, rows)
-        print(
-            "p_k: the top-k kept, the tail mass spread uniformly over the other V - k tokens.\n"
-            "The losses see the (k+1)-bucket KL, a lower bound of the exact KL over the vocabulary\n"
-            "(merging tokens into one tail bucket cannot increase a divergence: data-processing\n"
-            "inequality); it is exact at k = V."
-        )
+        print_sizes(col, teacher, ks, args, work)
+        print_throughput(teacher, batches, args, work)
+        print_kl(col, ks, args.encoding)
 
 
 if __name__ == "__main__":

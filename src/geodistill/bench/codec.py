@@ -2,8 +2,9 @@
 
     python -m geodistill.bench.codec [--tokens 16384] [--vocab 32000] [--ks 8 16 32 64]
 
-Each encoding's arrays are written through the real store (``CacheWriter``, Blosc zstd-3 + shuffle) and
-measured as the bytes of their chunk files. The synthetic next-token distributions mimic an LLM's: a
+Each encoding's arrays (the pipeline's default encoding is float16, ``cache.encoding``) are written
+through the real store (``CacheWriter``, Blosc zstd-3 + shuffle) and measured as the bytes of their
+chunk files. The synthetic next-token distributions mimic an LLM's: a
 Zipf prior over ids (BPE ids are roughly frequency-ordered), Gumbel context noise, a per-position
 sharpness, and one boosted "answer" token, so that the top-1 probability spreads from ~0.25 to ~1
 (median ~0.8) and the top1 -> top2 gap from 0.3 to 16 nats. Real teachers differ; rerun on a real
@@ -26,6 +27,9 @@ import numpy as np
 import torch
 
 from geodistill.cache import codec, store
+from geodistill.cache.fingerprint import scratch_fingerprint
+from geodistill.config import CacheConfig
+from geodistill.markdown import table
 
 
 def synthetic_topk(
@@ -63,12 +67,8 @@ def _kl_with_tail(p_lp: np.ndarray, q_lp: np.ndarray) -> np.ndarray:
 def measure(ids: np.ndarray, lp: np.ndarray, vocab: int, encoding: str, workdir: Path) -> dict[str, float]:
     """Write (N, k) ids/log-probs as one shard with ``encoding``; sizes per token and decoding errors."""
     n, k = lp.shape
-    hashes = dict(teacher_sha256="bench", tokenizer_sha256="bench", manifest_sha256="bench")
-    fp = store.make_fingerprint(
-        **hashes, template="bench", vocab_size=vocab, k=k, pooling=1, encoding=encoding
-    )
     path = workdir / f"{encoding}-{k}.zarr"
-    writer = store.CacheWriter(path, fp)
+    writer = store.CacheWriter(path, scratch_fingerprint(vocab, k, encoding))
     t0 = time.perf_counter()
     with writer.shard("bench") as w:
         for start in range(0, n, 128):  # records of 128 tokens
@@ -99,28 +99,35 @@ def measure(ids: np.ndarray, lp: np.ndarray, vocab: int, encoding: str, workdir:
     }
 
 
+COLUMNS = ["k", "encoding", "ids", "values", "total", "raw u16+f16", "max abs err", "p-mean abs err"]
+COLUMNS += ["max tail err", "KL(k+1)", "write tok/s", "read tok/s"]
+
+
+def row(k: int, encoding: str, m: dict[str, float]) -> list[str]:
+    """One table row of :func:`measure`'s numbers, in COLUMNS order."""
+    sizes = [f"{m[c]:.2f}" for c in ("ids", "values", "total")] + [f"{m['raw']:.0f}"]
+    errors = [f"{m[c]:.2g}" for c in ("max_err", "pmean_err", "tail_err", "kl")]
+    speeds = [f"{m[c]:.3g}" for c in ("write_tok_s", "read_tok_s")]
+    return [str(k), encoding, *sizes, *errors, *speeds]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--ks", type=int, nargs="+", default=sorted({8, CacheConfig().k, 32, 64}))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     ids, lp = synthetic_topk(args.tokens, args.vocab, max(args.ks), args.seed)
     print(f"{args.tokens} tokens, V = {args.vocab}; bytes per token on disk (zstd-3 + shuffle)\n")
-    columns = ["k", "encoding", "ids", "values", "total", "raw u16+f16", "max abs err", "p-mean abs err"]
-    columns += ["max tail err", "KL(k+1)", "write tok/s", "read tok/s"]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.ks:
             for encoding in codec.ENCODINGS:
                 m = measure(ids[:, :k], np.ascontiguousarray(lp[:, :k]), args.vocab, encoding, Path(tmp))
-                sizes = [f"{m[c]:.2f}" for c in ("ids", "values", "total")] + [f"{m['raw']:.0f}"]
-                errors = [f"{m[c]:.2g}" for c in ("max_err", "pmean_err", "tail_err", "kl")]
-                speeds = [f"{m[c]:.3g}" for c in ("write_tok_s", "read_tok_s")]
-                print("| " + " | ".join([str(k), encoding, *sizes, *errors, *speeds]) + " |")
+                rows.append(row(k, encoding, m))
+    print(table(COLUMNS, rows))
 
 
 if __name__ == "__main__":

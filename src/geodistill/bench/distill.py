@@ -19,8 +19,9 @@ rounds over the variants, since contention from other processes only ever adds t
 SFT, and the teacher's forward alone (what the cache saves). ``--clock cpu`` times this process's CPU
 time instead of wall time: with one thread it is the uncontended wall time, robust on a shared machine.
 
-Models: the embedded default architectures of params.yaml (``teacher.arch``, ``student.arch``; random
-weights: speed does not depend on them), or checkpoints. Data: a synthetic split built in a temporary
+Settings: the pipeline's defaults (the dataclass defaults, equal to the shipped params.yaml), or those of
+``--params FILE``. Models: the embedded default architectures (``teacher.arch``, ``student.arch``;
+random weights: speed does not depend on them), or checkpoints. Data: a synthetic split built in a temporary
 folder (not timed), with its teacher cache. One torch thread by default (DESIGN.md: 2 threads collapse
 under CPU contention).
 """
@@ -42,10 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from geodistill.cache.build import build_cache, cache_fingerprint, teacher_signals
+from geodistill.cache.build import build_cache, teacher_signals
+from geodistill.cache.fingerprint import cache_fingerprint
 from geodistill.cache.store import CacheReader
-from geodistill.config import CacheConfig, DataConfig, DistillConfig, load_section
-from geodistill.data.collate import Batch, Example, shuffled_batches
+from geodistill.config import SECTIONS, CacheConfig, DataConfig, DistillConfig, load_section
+from geodistill.data.collate import IGNORE, Batch, Example, shuffled_batches
 from geodistill.data.prepare import image_root, prepare, read_pretrain, tokenizer_corpus
 from geodistill.data.shards import load_manifest, write_shards
 from geodistill.distill.kd import CachedTargets, KDModule, gather_targets, offline_terms, pretrain_batch
@@ -76,25 +78,30 @@ class Setup:
     cache: CacheConfig
 
 
+def section(name: str, params: str | None) -> Any:
+    """A params section: from the file ``params``, or the dataclass default (the shipped params.yaml)."""
+    return SECTIONS[name]() if params is None else load_section(name, params)
+
+
 def build_setup(root: Path, args: argparse.Namespace) -> Setup:
-    """Synthetic data, tokenizer, models and the teacher cache under ``root`` (params.yaml settings)."""
-    synth = load_section("data", args.params).synthetic
+    """Synthetic data, tokenizer, models and the teacher cache under ``root`` (the pipeline's settings)."""
+    synth = section("data", args.params).synthetic
     data = DataConfig(
         synthetic=replace(synth, train_images=args.images, val_images=1, test_images=1, pretrain_texts=500)
     )
     prepared, shards = root / "prepared", root / "shards"
     prepare(data, prepared)
     write_shards(prepared / "train.jsonl", image_root(prepared), shards, maxcount=512, maxsize=10**9)
-    cache_cfg: CacheConfig = load_section("cache", args.params)
-    distill: DistillConfig = load_section("distill", args.params)
+    cache_cfg: CacheConfig = section("cache", args.params)
+    distill: DistillConfig = section("distill", args.params)
     if args.teacher:
         teacher_dir = Path(args.teacher)
         teacher, tok, transform = load_for_training(teacher_dir)
         student, student_tok, _ = load_for_training(args.student)
         check_compatible(tok, student_tok)
     else:
-        tok = build_tokenizer(tokenizer_corpus(prepared), load_section("tokenizer", args.params).vocab_size)
-        t_arch, s_arch = load_section("teacher", args.params).arch, load_section("student", args.params).arch
+        tok = build_tokenizer(tokenizer_corpus(prepared), section("tokenizer", args.params).vocab_size)
+        t_arch, s_arch = section("teacher", args.params).arch, section("student", args.params).arch
         transform = ImageTransform(t_arch.image_size)
         teacher, student = build_llava(t_arch, tok, seed=0), build_llava(s_arch, tok, seed=1)
         teacher_dir = root / "teacher"
@@ -104,8 +111,7 @@ def build_setup(root: Path, args: argparse.Namespace) -> Setup:
     cache_path = root / "cache.zarr"
     build_cache(teacher_dir, shards, cache_path, cache_cfg, progress=False)
     manifest = load_manifest(shards)
-    max_len = int(teacher.config.text_config.max_position_embeddings)
-    fp = cache_fingerprint(teacher_dir, manifest, cache_cfg, len(tok), max_len)
+    fp = cache_fingerprint(teacher_dir, manifest, cache_cfg, len(tok))
     reader = CacheReader(cache_path, fp, manifest, max_shards=None)
     reader.preload()  # run_distill's reader keeps every shard once touched; load them before timing
     return Setup(
@@ -119,7 +125,7 @@ def live_targets(teacher: nn.Module, batch: Batch, k: int, pooling: int) -> Cach
     return CachedTargets(
         torch.from_numpy(sig.topk_ids).long(),  # (M, k)
         torch.from_numpy(sig.topk_logprobs).float(),  # (M, k)
-        batch.labels[:, 1:] != -100,  # (B, T-1)
+        batch.labels[:, 1:] != IGNORE,  # (B, T-1)
         torch.from_numpy(sig.features),  # (B, P', D_t)
     )
 
@@ -194,22 +200,43 @@ def time_teacher_forward(
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after the warm-up)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--teacher", default="", help="teacher checkpoint folder (default: params.yaml arch)")
+    ap.add_argument("--teacher", default="", help="teacher checkpoint folder (default: teacher.arch)")
     ap.add_argument("--student", default="", help="student checkpoint folder (with --teacher)")
     ap.add_argument("--images", type=int, default=64, help="synthetic training images (~7 records each)")
     ap.add_argument("--pt-batch-size", type=int, default=None, help="L_PT texts per step (default: params)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the variants (best time per step)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="cpu: process time (see above)")
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", help="a params.yaml to read (default: the shipped defaults)")
     args = ap.parse_args(argv)
     if bool(args.teacher) != bool(args.student):
         ap.error("--teacher and --student go together")
+    return args
+
+
+def time_batch_size(
+    s: Setup, batch_size: int, args: argparse.Namespace, pt_batch: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Median s/step of every variant at one batch size, and the teacher forward alone (``teacher``)."""
+    # Rounds over the variants; every variant sees the same batch at step i, so each step keeps its
+    # best time over the rounds (CPU contention from other processes only adds time).
+    best: dict[str, np.ndarray] = {v: np.full(args.warmup + args.steps, np.inf) for v in VARIANTS}
+    for _ in range(args.repeats):
+        for v in VARIANTS:
+            times = time_variant(v, s, batch_size, args.warmup + args.steps, pt_batch, clock)
+            best[v] = np.minimum(best[v], times)
+    med = {v: float(np.median(best[v][args.warmup :])) for v in VARIANTS}
+    med["teacher"] = time_teacher_forward(s, batch_size, args.steps, args.repeats, clock)
+    return med
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,21 +254,13 @@ def main(argv: list[str] | None = None) -> None:
         header = f"{'batch':>5}  {'sft s/step':>10}" + "".join(f"  {v:>16}" for v in VARIANTS[1:])
         print(header + f"  {'teacher fwd':>11}  {'live - cache':>12}\n" + "-" * (len(header) + 27))
         for b in args.batch_sizes:
-            # Rounds over the variants; every variant sees the same batch at step i, so each step keeps
-            # its best time over the rounds (CPU contention from other processes only adds time).
-            best: dict[str, np.ndarray] = {v: np.full(args.warmup + args.steps, np.inf) for v in VARIANTS}
-            for _ in range(args.repeats):
-                for v in VARIANTS:
-                    times = time_variant(v, s, b, args.warmup + args.steps, pt_batch, clock)
-                    best[v] = np.minimum(best[v], times)
-            med = {v: float(np.median(best[v][args.warmup :])) for v in VARIANTS}
-            fwd = time_teacher_forward(s, b, args.steps, args.repeats, clock)
+            med = time_batch_size(s, b, args, pt_batch, clock)
             cell = [f"{med[v]:.4f} ({med[v] / med['sft']:.2f}x)" for v in VARIANTS[1:]]
             live_minus_cache = med["kd-live"] - med["kd-cache"]
             print(
                 f"{b:>5}  {med['sft']:>10.4f}"
                 + "".join(f"  {c:>16}" for c in cell)
-                + f"  {fwd:>11.4f}  {live_minus_cache:>12.4f}"
+                + f"  {med['teacher']:>11.4f}  {live_minus_cache:>12.4f}"
             )
 
 

@@ -1,10 +1,11 @@
 """Shard-stage throughput: records/s and MB/s for writing and for reading back.
 
-    python -m geodistill.bench.shards [--images 2000] [--records-per-image 8] [--image-size 64]
+    python -m geodistill.bench.shards [--images 1200] [--image-size 64] [--maxcount 512]
 
-Generates a synthetic prepared split in a temporary folder (not timed), then times ``write_shards``
-and a full ``iter_samples`` pass (manifest sha256 verification included). Memory stays flat in the
-number of records because both directions stream.
+Generates a synthetic prepared split in a temporary folder (not timed; the pipeline's scenes,
+``data.synthetic``, and by default its number of training images), then times ``write_shards`` (with
+``shard.maxcount``) and a full ``iter_samples`` pass (manifest sha256 verification included). Memory
+stays flat in the number of records because both directions stream.
 """
 
 from __future__ import annotations
@@ -13,38 +14,39 @@ import argparse
 import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from geodistill.config import DataConfig, SyntheticConfig
+from geodistill.config import DataConfig, ShardConfig, SyntheticConfig
 from geodistill.data.prepare import prepare
 from geodistill.data.shards import iter_samples, write_shards
 
 
 def main(argv: list[str] | None = None) -> None:
+    synthetic, shard = SyntheticConfig(), ShardConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--maxcount", type=int, default=512)
+    ap.add_argument("--images", type=int, default=synthetic.train_images)
+    ap.add_argument("--image-size", type=int, default=synthetic.image_size)
+    ap.add_argument("--maxcount", type=int, default=shard.maxcount)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cfg = DataConfig(
-            synthetic=SyntheticConfig(
-                train_images=args.images,
-                val_images=1,
-                test_images=1,
-                pretrain_texts=1,
-                image_size=args.image_size,
-            )
+        scenes = replace(
+            synthetic,
+            train_images=args.images,
+            val_images=1,
+            test_images=1,
+            pretrain_texts=1,
+            image_size=args.image_size,
         )
-        prepare(cfg, root / "prepared")
+        prepare(DataConfig(synthetic=scenes), root / "prepared")
         t0 = time.perf_counter()
         m = write_shards(
             root / "prepared" / "train.jsonl",
             root / "prepared",
             root / "shards",
             maxcount=args.maxcount,
-            maxsize=10**9,
+            maxsize=shard.maxsize,
         )
         t_write = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -33,39 +33,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from geodistill.cache.store import CacheWriter, ShardWriter, make_fingerprint
+from geodistill.cache.fingerprint import TEACHER_DTYPE, cache_fingerprint
+from geodistill.cache.store import CacheWriter, ShardWriter, record_key
 from geodistill.config import CacheConfig
 from geodistill.data.collate import IGNORE, Batch, Example, collate
-from geodistill.data.shards import iter_shard, load_manifest, manifest_hash, shards_for_rank
-from geodistill.data.template import TEMPLATE_NAME
+from geodistill.data.shards import iter_shard, load_manifest, shards_for_rank
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError
-from geodistill.models.checkpoints import load_for_inference, model_fingerprint
+from geodistill.models.checkpoints import load_for_inference
 from geodistill.models.features import pool_image_features
 from geodistill.models.llava import capture_projector, num_image_tokens
-
-
-def record_key(sample_key: str, index: int) -> str:
-    return f"{sample_key}#{index}"
-
-
-def cache_fingerprint(
-    teacher_dir: Path, manifest: dict[str, Any], cfg: CacheConfig, vocab_size: int, max_len: int
-) -> dict[str, Any]:
-    """What the cache content depends on; a reader with another fingerprint is refused."""
-    fp = model_fingerprint(teacher_dir)
-    return make_fingerprint(
-        teacher_sha256=fp["weights_sha256"],
-        tokenizer_sha256=fp["tokenizer_sha256"],
-        manifest_sha256=manifest_hash(manifest),
-        template=TEMPLATE_NAME,
-        vocab_size=vocab_size,
-        k=cfg.k,
-        pooling=cfg.pooling,
-        encoding=cfg.encoding,
-        max_len=max_len,
-    )
-
 
 # ------------------------------------------------------------------------------- teacher signals
 
@@ -220,13 +197,13 @@ def build_cache(
     dctx = Dist.from_env()
     dctx.init()
     device = _device(dctx)
-    model, tok, transform = load_for_inference(teacher_dir, device=device)
+    model, tok, transform = load_for_inference(teacher_dir, device=device, dtype=TEACHER_DTYPE)
     manifest = load_manifest(shard_dir)
     n_img = num_image_tokens(model.config)
-    max_len = int(model.config.text_config.max_position_embeddings)
     if cfg.k > len(tok):
         raise CacheError(f"cache.k = {cfg.k} exceeds the teacher's vocabulary ({len(tok)} tokens)")
-    fp = cache_fingerprint(teacher_dir, manifest, cfg, len(tok), max_len)
+    fp = cache_fingerprint(teacher_dir, manifest, cfg, len(tok), teacher_dtype=TEACHER_DTYPE)
+    max_len = fp["max_len"]  # records are truncated as the fingerprint says
     if dctx.is_main:
         writer = CacheWriter(out, fp)  # creates the root (or checks its fingerprint) before others open it
     if dctx.world_size > 1:

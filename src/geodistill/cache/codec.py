@@ -16,9 +16,10 @@ Encodings (``CacheConfig.encoding``); stored array names and dtypes come from :f
 
 ``float32``  ``topk_logprobs`` (N, k) float32. Lossless up to the row-mass shift; for tests and
              debugging (4 bytes per value).
-``float16``  ``topk_logprobs`` (N, k) float16, round-to-nearest. |error| <= |lp| * 2**-11 + 2**-25
-             (half a float16 ulp: 0.05 % of the log-prob; 0.0024 nats at lp = -5).
-``uint8_log`` (default) ``topk_head`` (N,) float16 = the top-1 log-prob (float16 error as above:
+``float16``  (the default, ``CacheConfig.encoding``) ``topk_logprobs`` (N, k) float16, round-to-nearest.
+             |error| <= |lp| * 2**-11 + 2**-25 (half a float16 ulp: 0.05 % of the log-prob; 0.0024
+             nats at lp = -5).
+``uint8_log`` ``topk_head`` (N,) float16 = the top-1 log-prob (float16 error as above:
              ~5e-6 nats for a confident top-1, which is what the tail mass hinges on) and
              ``topk_gaps`` (N, k-1) uint8: the log-prob drop from the previous *decoded* value
              (closed-loop, so errors do not accumulate along the row) coded on a log-companded grid
@@ -54,6 +55,7 @@ pooled hard or not stored.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from typing import Literal
 
@@ -62,7 +64,8 @@ import numpy as np
 from geodistill.errors import CacheError
 
 Encoding = Literal["float32", "float16", "uint8_log"]
-ENCODINGS: tuple[str, ...] = ("float32", "float16", "uint8_log")
+"""The value encodings (``CacheConfig.encoding`` is typed with it)."""
+ENCODINGS: tuple[Encoding, ...] = typing.get_args(Encoding)
 
 LOGPROB_FLOOR = -1.0e4
 """Inputs below this (including -inf, probability 0) are clipped to it: finite, exactly representable

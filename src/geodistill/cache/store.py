@@ -4,7 +4,7 @@ Layout (DESIGN.md, "Teacher cache")::
 
     teacher_cache.zarr/                 attrs: format_version, fingerprint
       <shard name>/                     one group per manifest shard, written by one process
-        record_keys      (R,)           str, record ids in shard order
+        record_keys      (R,)           str, :func:`record_key` of each record, in shard order
         token_offsets    (R+1,)         int64, record r owns token rows [off[r], off[r+1])
         topk_ids         (N, k)         uint16 when vocab_size <= 65536 else uint32
         <value arrays>   (N, k) / ...   per cache.codec.value_arrays(encoding, k)
@@ -18,11 +18,11 @@ of tokens (or gigabytes of 13B-teacher features) never sits in memory; the count
 into the group's attrs only after every array is written, ``complete`` last. A group without it (a
 killed writer) is deleted and rebuilt by the next run, while complete groups are kept (resume).
 
-Reading validates before it serves: the root fingerprint must equal the expected one (anything else
-is an error naming the differing fields, never a silent reuse), and every manifest shard must be a
-complete group whose counts equal the manifest's. Per-record random reads from Zarr are slow (each
-touches whole compressed chunks), so :class:`CacheReader` loads a shard's token arrays at once, keeps
-a few shards in an LRU, and slices records out of memory.
+Reading validates before it serves: the root fingerprint (``cache.fingerprint``) must equal the
+expected one (anything else is an error naming the differing fields, never a silent reuse), and every
+manifest shard must be a complete group whose counts equal the manifest's. Per-record random reads
+from Zarr are slow (each touches whole compressed chunks), so :class:`CacheReader` loads a shard's
+token arrays at once, keeps a few shards in an LRU, and slices records out of memory.
 
 Concurrency: one process per shard group. Create the root (``CacheWriter`` on rank 0) before other
 ranks open it; groups of different shards can then be written in parallel, since a group's metadata
@@ -31,7 +31,6 @@ lives in its own ``zarr.json`` and the root's is never rewritten.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,12 +44,11 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from geodistill.cache import codec
+from geodistill.cache.fingerprint import check_layout_fields, fingerprint_mismatch, jsonable
 from geodistill.errors import CacheError
 
 FORMAT_VERSION = 1
 REBUILD_HINT = "rebuild it with `dvc repro teacher_cache` (or delete the store)"
-LAYOUT_FIELDS = ("vocab_size", "k", "encoding")
-"""Fingerprint fields the store itself needs: they fix the arrays' shapes and dtypes."""
 
 # zstd level 3 with byte shuffle: measured 1.5x on raw top-k arrays (DESIGN.md, "Library facts");
 # for uint8 arrays shuffle is a no-op and bitshuffle measured no better.
@@ -61,69 +59,9 @@ FEATURE_CHUNK_BYTES = 4 << 20
 """Target raw bytes per features chunk (a 13B teacher's 1296 x 5120 image is one 13 MB chunk)."""
 
 
-def make_fingerprint(
-    *,
-    teacher_sha256: str,
-    tokenizer_sha256: str,
-    manifest_sha256: str,
-    template: str,
-    vocab_size: int,
-    k: int,
-    pooling: int,
-    encoding: str,
-    feature_dtype: str = "float16",
-    **extra: Any,
-) -> dict[str, Any]:
-    """The fingerprint a cache is built for; any field differing at read time means "rebuild".
-
-    ``extra`` holds further JSON values that change the cached numbers (e.g. ``max_len``).
-    """
-    codec.check_encoding(encoding)
-    fp: dict[str, Any] = {
-        "teacher_sha256": teacher_sha256,
-        "tokenizer_sha256": tokenizer_sha256,
-        "manifest_sha256": manifest_sha256,
-        "template": template,
-        "vocab_size": int(vocab_size),
-        "k": int(k),
-        "pooling": int(pooling),
-        "encoding": encoding,
-        "feature_dtype": feature_dtype,
-        **extra,
-    }
-    return _jsonable(fp)
-
-
-def _jsonable(fp: Mapping[str, Any]) -> dict[str, Any]:
-    """What the fingerprint looks like after a trip through zarr.json (tuples become lists, ...)."""
-    try:
-        return json.loads(json.dumps(dict(fp), sort_keys=True))
-    except TypeError as e:
-        raise CacheError(f"the cache fingerprint must be JSON-serialisable: {e}") from e
-
-
-def fingerprint_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
-    """One readable line per field that differs between two fingerprints (empty when they agree)."""
-    exp, got = _jsonable(expected), _jsonable(found)
-    lines = []
-    for key in sorted(exp.keys() | got.keys()):
-        if key not in got:
-            lines.append(f"{key}: missing in the cache, expected {exp[key]!r}")
-        elif key not in exp:
-            lines.append(f"{key}: the cache has {got[key]!r}, not expected at all")
-        elif exp[key] != got[key]:
-            lines.append(f"{key}: the cache has {got[key]!r}, expected {exp[key]!r}")
-    return lines
-
-
-def _check_layout_fields(fp: Mapping[str, Any]) -> None:
-    missing = [f for f in LAYOUT_FIELDS if f not in fp]
-    if missing:
-        raise CacheError(f"the cache fingerprint lacks {', '.join(missing)} (use make_fingerprint)")
-    codec.check_encoding(fp["encoding"])
-    if int(fp["k"]) < 1:
-        raise CacheError(f"fingerprint k must be >= 1, got {fp['k']}")
-    codec.id_dtype(int(fp["vocab_size"]))
+def record_key(sample_key: str, index: int) -> str:
+    """A record's key: ``<sample key>#<index in sample>`` (GeoChat's own ids repeat within an image)."""
+    return f"{sample_key}#{index}"
 
 
 def _check_root(root: zarr.Group, path: Path, fingerprint: Mapping[str, Any]) -> None:
@@ -151,8 +89,8 @@ def open_cache(path: str | Path, fingerprint: Mapping[str, Any], mode: str = "a"
     if mode not in ("r", "a", "w"):
         raise CacheError(f"open_cache mode must be 'r', 'a' or 'w', got {mode!r}")
     path = Path(path)
-    fingerprint = _jsonable(fingerprint)
-    _check_layout_fields(fingerprint)
+    fingerprint = jsonable(fingerprint)
+    check_layout_fields(fingerprint)
     if mode == "w" and path.exists():
         shutil.rmtree(path)
     if not (path / "zarr.json").exists():
@@ -403,7 +341,7 @@ class CacheWriter:
         feature_chunk_bytes: int = FEATURE_CHUNK_BYTES,
     ) -> None:
         self.path = Path(path)
-        self.fingerprint = _jsonable(fingerprint)
+        self.fingerprint = jsonable(fingerprint)
         self.root = open_cache(self.path, self.fingerprint, mode="a")
         self.token_chunk = token_chunk
         self.feature_chunk_bytes = feature_chunk_bytes
@@ -477,7 +415,7 @@ class CacheReader:
         max_feature_bytes: int = 256 << 20,
     ) -> None:
         self.path = Path(path)
-        self.fingerprint = _jsonable(expected_fingerprint)
+        self.fingerprint = jsonable(expected_fingerprint)
         self.shard_names: list[str] = [s["name"] for s in manifest["shards"]]
         self.max_shards = max_shards
         self.max_feature_bytes = max_feature_bytes

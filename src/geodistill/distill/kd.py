@@ -11,7 +11,6 @@ Only the on-policy terms need the teacher model; everything else reads the cache
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from geodistill.cache.build import cache_fingerprint, record_key
-from geodistill.cache.store import CacheReader
+from geodistill.cache.fingerprint import cache_fingerprint
+from geodistill.cache.store import CacheReader, record_key
 from geodistill.config import CacheConfig, DistillConfig, StudentConfig
 from geodistill.data.collate import Batch, Example, collate_text, shuffled_batches
 from geodistill.data.prepare import read_pretrain
@@ -38,7 +37,6 @@ from geodistill.eval.generate import left_pad
 from geodistill.models.checkpoints import (
     load_for_training,
     model_fingerprint,
-    resolve,
     save_llava,
     write_fingerprint,
 )
@@ -186,9 +184,7 @@ def run_distill(
     torch.manual_seed(train.seed)  # before the feature adapter and LoRA are initialised: same run, same init
     student, tok, transform = load_for_training(base_dir)
     manifest = load_manifest(shards / "train")
-    teacher_config = json.loads((resolve(teacher_dir) / "config.json").read_text())
-    max_len = int(teacher_config["text_config"]["max_position_embeddings"])
-    expected = cache_fingerprint(teacher_dir, manifest, cache_cfg, len(tok), max_len)
+    expected = cache_fingerprint(teacher_dir, manifest, cache_cfg, len(tok))
     if tokenizer_hash(tok) != expected["tokenizer_sha256"]:
         raise ModelError(
             f"the student in {base_dir} and the teacher in {teacher_dir} use different tokenizers; "

@@ -11,22 +11,28 @@ exact when k = V (the tail is then empty for both). All divergences below are f-
 mixtures of them, and mixing commutes with merging, so the bound holds for each of them.
 
 Conventions: 0 * log 0 = 0; a category with probability 0 under the first argument of KL contributes
-nothing (and no NaN gradient); computation is done in at least float32.
+nothing (and no NaN gradient); computation is done in at least float32 (the teacher's k + 1 buckets in
+float64: they are (N, k), and 1 - sum(top-k) needs it for tails below float32's ~6e-8). Masked tokens
+are never read, so NaN or inf logits at padding or prompt positions cannot reach a loss or a gradient.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geodistill.config import Divergence
+from geodistill.data.collate import IGNORE
 from geodistill.errors import ModelError, TrainingError
 from geodistill.models.features import pool_image_features
 
-# Teacher tail probability used when the cached top-k mass rounds to >= 1 (fp16 / uint8 codes) while
-# k < V: the true tail is positive but unknown; a finite floor keeps reverse KL finite there.
+# Teacher tail probability used where the cached top-k mass is >= 1 while k < V: only rounding (float16
+# or uint8 codes, a float32 sum) gets there; the true tail is positive but lost, and a finite floor keeps
+# reverse KL finite. Rows with a representable tail keep it exactly, however small.
 MIN_TAIL_PROB = 1e-10
 
 # Stand-in for log 0 inside mixtures: exp(-1e30 - x) underflows to exactly 0 for any finite x, so values
@@ -79,27 +85,35 @@ def student_bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor
 def teacher_bucket_logprobs(
     topk_logprobs: torch.Tensor, vocab_size: int | None = None, min_tail_prob: float = MIN_TAIL_PROB
 ) -> torch.Tensor:
-    """Cached teacher log-probs over its top-k plus the tail bucket.
+    """Cached teacher log-probs over its top-k plus the tail bucket, normalised to sum to 1.
 
         s          = logsumexp_i log p_i                (log of the top-k mass)
         log p_tail = log(1 - exp(s)) = log(-expm1(s))   (stable when s ~ 0, i.e. tail ~ 0)
 
-    topk_logprobs (N, k), normalised over the full vocabulary. Returns (N, k + 1).
-    - k == vocab_size: the tail is empty, exactly -inf (needed for forward KL to be exact at k = V).
-    - Quantised caches can round the top-k mass to >= 1: the top-k values are then renormalised
-      (subtract s > 0) and, for k < V, the tail is floored at ``min_tail_prob`` (the true tail is positive;
-      a zero tail would make reverse KL infinite wherever the student puts mass there).
+    topk_logprobs (N, k), normalised over the full vocabulary. Returns (N, k + 1) in the compute dtype
+    (at least float32), computed in float64.
+    - k == vocab_size: the row is the whole distribution; the tail is empty, exactly -inf (forward KL is
+      then exact), and the top-k is renormalised (subtract s): an encoded cache stores each value with
+      its own rounding, so the decoded mass is 1 only up to the encoding's error (float16 at V = 512:
+      ~1e-3), and an unnormalised row would make divergences of identical distributions negative.
+    - k < V: the tail is exact wherever s < 0, down to tails of ~1e-16. Only a row whose mass rounded
+      to >= 1 (a quantised confident row) has lost its tail: its tail is set to ``min_tail_prob`` and its
+      top-k scaled to 1 - min_tail_prob (a zero tail would make reverse KL infinite wherever the student
+      puts mass there).
     """
     if topk_logprobs.dim() != 2:
         raise TrainingError(f"topk_logprobs must be (N, k), got {tuple(topk_logprobs.shape)}")
-    lp = topk_logprobs.to(_compute_dtype(topk_logprobs))  # (N, k)
+    lp = topk_logprobs.double()  # (N, k)
     s = torch.logsumexp(lp, dim=-1, keepdim=True)  # (N, 1)
-    top = lp - s.clamp(min=0)  # (N, k)  a no-op unless the top-k mass overshoots 1
     if vocab_size is not None and topk_logprobs.shape[1] == vocab_size:
-        tail = torch.full_like(s, float("-inf"))  # (N, 1)
+        out = torch.cat([lp - s, torch.full_like(s, -math.inf)], dim=-1)  # (N, k + 1)
     else:
-        tail = torch.log(-torch.expm1(s.clamp(max=0))).clamp(min=math.log(min_tail_prob))  # (N, 1)
-    return torch.cat([top, tail], dim=-1)  # (N, k + 1)
+        lost = s >= 0  # (N, 1) the mass rounded to >= 1
+        log_floor = math.log(min_tail_prob)
+        tail = torch.log(-torch.expm1(s.clamp(max=-1e-300)))  # (N, 1) clamped: no log 0 in `lost` rows
+        top = torch.where(lost, lp - s + math.log1p(-min_tail_prob), lp)  # (N, k)
+        out = torch.cat([top, torch.where(lost, log_floor, tail)], dim=-1)  # (N, k + 1)
+    return out.to(_compute_dtype(topk_logprobs))
 
 
 def _buckets(
@@ -125,7 +139,8 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     pos = log_a > -math.inf  # (N, C)
     la = torch.where(pos, log_a, 0.0)
     lb = torch.where(pos, log_b, 0.0)
-    return torch.where(pos, la.exp() * (la - lb), 0.0).sum(-1)  # (N,)
+    # A KL of normalised rows is >= 0; summing near-identical rows in float32 can round to -1e-8.
+    return torch.where(pos, la.exp() * (la - lb), 0.0).sum(-1).clamp(min=0.0)  # (N,)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -200,8 +215,21 @@ def skew_reverse_kl(
     return _kl(log_q, _log_mix(log_q, log_p, alpha))  # (N,)
 
 
+DivergenceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+"""(student_logits (N, V), topk_ids (N, k), topk_logprobs (N, k), jsd beta, skew alpha) -> (N,)."""
+
+DIVERGENCES: dict[Divergence, DivergenceFn] = {
+    "reverse": lambda s, ids, lps, beta, alpha: reverse_kl(s, ids, lps),
+    "forward": lambda s, ids, lps, beta, alpha: forward_kl(s, ids, lps),
+    "jsd": lambda s, ids, lps, beta, alpha: jsd(s, ids, lps, beta=beta),
+    "skew_forward": lambda s, ids, lps, beta, alpha: skew_forward_kl(s, ids, lps, alpha=alpha),
+    "skew_reverse": lambda s, ids, lps, beta, alpha: skew_reverse_kl(s, ids, lps, alpha=alpha),
+}
+"""Every divergence ``distill.kl`` can name (``config.Divergence``), by name."""
+
+
 def distill_kl(
-    kind: str,
+    kind: Divergence,
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
@@ -212,14 +240,17 @@ def distill_kl(
 ) -> torch.Tensor:
     """Masked mean over tokens of the chosen divergence: sum_n m_n D_n / sum_n m_n -> scalar.
 
-    kind: "reverse" | "forward" | "jsd" (uses ``beta``) | "skew_forward" | "skew_reverse" (use ``alpha``).
+    kind: a key of DIVERGENCES; "jsd" uses ``beta``, "skew_forward" and "skew_reverse" use ``alpha``.
     Shapes: student_logits (N, V) with topk_* (N, k) and mask (N,), or (B, T, V) with (B, T, k) and (B, T);
     row n of the logits must be the distribution that predicts the token whose teacher top-k is row n
     (i.e. already shifted). The top-k tensors may instead hold only the selected tokens, (M, k) with
     M = mask.sum() in row-major order: the cache's layout (assistant tokens only), no scatter needed.
     Only rows with mask = True are computed, so padding rows with garbage ids or values cannot leak NaN.
-    No selected token gives 0 (still attached to the graph).
+    No selected token gives an exact 0, attached to the graph but reading no logit.
     """
+    fn = DIVERGENCES.get(kind)
+    if fn is None:
+        raise TrainingError(f"unknown KL kind {kind!r}; use one of {', '.join(map(repr, DIVERGENCES))}")
     v = student_logits.shape[-1]
     logits = student_logits.reshape(-1, v)  # (N, V)
     k = topk_ids.shape[-1]
@@ -240,24 +271,9 @@ def distill_kl(
     if ids.shape[0] == m.shape[0]:
         ids, lps = ids[m], lps[m]  # (M, k)
     logits = logits[m]  # (M, V)
-    if kind == "reverse":
-        per_token = reverse_kl(logits, ids, lps)
-    elif kind == "forward":
-        per_token = forward_kl(logits, ids, lps)
-    elif kind == "jsd":
-        per_token = jsd(logits, ids, lps, beta=beta)
-    elif kind == "skew_forward":
-        per_token = skew_forward_kl(logits, ids, lps, alpha=alpha)
-    elif kind == "skew_reverse":
-        per_token = skew_reverse_kl(logits, ids, lps, alpha=alpha)
-    else:
-        raise TrainingError(
-            f"unknown KL kind {kind!r}; use one of "
-            "'reverse', 'forward', 'jsd', 'skew_forward', 'skew_reverse'"
-        )
-    if per_token.numel() == 0:
-        return student_logits.sum() * 0.0
-    return per_token.mean()
+    if n_sel == 0:
+        return logits.to(_compute_dtype(logits)).sum()  # the sum of an empty (0, V) selection: exactly 0
+    return fn(logits, ids, lps, beta, alpha).mean()
 
 
 # --------------------------------------------------------------------------------- feature alignment
@@ -315,20 +331,20 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, eq. (7): -(1/|y|) sum_k log q(y_k | y_<k).
 
     logits (B, T, V) are the model outputs at every input position; labels (B, T) are the input ids with
-    -100 where no loss is taken (prompt, image tokens, padding). The shift happens here: the logits at
-    position t predict labels[t + 1]. Mean over the counted tokens of the whole batch; 0 (attached to the
-    graph) if there are none.
+    IGNORE where no loss is taken (prompt, image tokens, padding). The shift happens here: the logits at
+    position t predict labels[t + 1]. Mean over the counted tokens of the whole batch; an exact 0
+    (attached to the graph) if there are none. Only the counted positions' logits are read.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise TrainingError(
             f"logits must be (B, T, V) and labels (B, T); got {tuple(logits.shape)}, {tuple(labels.shape)}"
         )
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    n = (shift_labels != -100).sum()
-    if n == 0:
-        return logits.sum() * 0.0
-    ce = F.cross_entropy(
-        shift_logits.to(_compute_dtype(shift_logits)), shift_labels, ignore_index=-100, reduction="sum"
-    )
-    return ce / n
+    targets = labels[:, 1:]  # (B, T-1)
+    sel = targets != IGNORE  # (B, T-1)
+    # Select before the softmax: ignore_index would still run log_softmax (and its backward) on every
+    # row, so one NaN logit at a padding position would reach the gradient.
+    counted = logits[:, :-1][sel]  # (M, V)
+    counted = counted.to(_compute_dtype(counted))
+    if counted.shape[0] == 0:
+        return counted.sum()  # the sum of an empty selection: exactly 0
+    return F.cross_entropy(counted, targets[sel])

@@ -1,14 +1,17 @@
 """MiniLLM's on-policy terms (Gu et al., ICLR 2024): teacher-mixed sampling and the decomposed gradient.
 
-The paper's eq. (8) splits the policy gradient of the sequence-level reverse KL KL(q_theta || p) into
+The paper's eq. (8) splits the gradient of the sequence-level reverse KL L(theta) = KL(q_theta || p)
+into two terms, grad L = (grad L)_Single + (grad L)_Long, with
 
     (grad L)_Single = -E[ sum_t w_t grad E_{y_t ~ q_t}[r_t] ]       exact per-step term, over the full vocab
     (grad L)_Long   = -E[ sum_t w_t R_{t+1} grad log q(y_t) ]      REINFORCE on the future reward
 
-with r_t = log p(y_t | y_<t, x) - log q(y_t | y_<t, x) and R_{t+1} = sum_{k>t} r_k (eq. 9). Responses are
-sampled from the teacher-mixed distribution (1 - a) q + a p, and w_t re-weights them to q. Each of the
-three pieces is a function here; ``onpolicy_losses`` assembles them into scalar losses whose gradients are
-the terms above. The teacher is consulted only for the sampled responses (DESIGN.md).
+where r_t = log p(y_t | y_<t, x) - log q(y_t | y_<t, x) and R_{t+1} = sum_{k>t} r_k (eq. 9). Since
+E_{y_t ~ q_t}[r_t] = -KL(q_t || p_t), (grad L)_Single = +E[ sum_t w_t grad KL(q_t || p_t) ]. Responses
+are sampled from the teacher-mixed distribution (1 - a) q + a p, and w_t re-weights them to q. Each of
+the three pieces is a function here; ``onpolicy_losses`` assembles them into scalar losses whose
+gradients are the two terms above, so that gradient descent on them lowers KL(q_theta || p). The teacher
+is consulted only for the sampled responses (DESIGN.md).
 
 Models are HF causal-LM-like: forward(input_ids, attention_mask, position_ids, [pixel_values],
 <cache kwarg>, use_cache) -> .logits and a KV cache. transformers >= 5.2x names the cache ``cache`` (input
@@ -234,10 +237,18 @@ def importance_weights(logq: torch.Tensor, logp_mix: torch.Tensor, clip: float |
 
     The paper's eq. (9) writes w_t = prod_{k<=t} q_k / p_k: a product of T ratios whose log is a sum of
     T terms, so its variance grows with length and after a few dozen tokens it is 0 or inf in floating
-    point. MiniLLM (Sec. 2.2 and its code) uses the per-token ratio against the mixture instead, which
-    is bounded by 1 / (1 - a) at temperature 1; the cap only matters for other temperatures, where the
-    proposal is tempered and q / mix is unbounded. (MiniLLM additionally clips the PPO ratio ratio * w
-    to [1 - eps, 1 + eps]; with one update per rollout ratio = 1, so a cap on w is what remains.)
+    point. MiniLLM (Sec. 2.2 and its code) uses the per-token ratio against the mixture instead, as here.
+
+    Clipping, exactly: here w_t = min(w_t, clip), nothing else. At temperature 1, w_t <= 1 / (1 - a)
+    (1.25 at a = 0.2), so the default cap of 3 never binds; it exists for other temperatures, where the
+    proposal mixes *tempered* q and p and q / mix is unbounded. MiniLLM's code (LMOps ``minillm``) does
+    not cap w: it multiplies w into the PPO ratio and clips that product, PPO-style, to
+    [1 - cliprange, 1 + cliprange] = [0.8, 1.2] by default, inside max(-A r w, -A clip(r w)); even at the
+    first update (r = 1) that drops the gradient of every token with w > 1.2 and A > 0 (at a = 0.2 and
+    temperature 1: q(y_t) > 6 p(y_t)) or with w < 0.8 and A < 0. This module takes one gradient step
+    per rollout, with no old-policy ratio and no trust region to keep, so it keeps every token's
+    gradient and only bounds the weight's variance by the cap. (LMOps also leaves its single-step term
+    unweighted; ``onpolicy_losses`` weights both terms by w_t, as eq. (8) does.)
     """
     w = torch.exp((logq - logp_mix).detach().float())  # (B, T)
     return w if clip is None else w.clamp(max=clip)
@@ -301,9 +312,10 @@ def onpolicy_losses(
     w_t = importance_weights(...) (detached), m_t the response mask and n = sum_t m_t over the batch:
 
         single = (1/n) sum_{b,t} m w_t KL(q_t || p_t)          full vocabulary, teacher detached:
-                 grad = sum_t w_t grad E_{y~q_t}[log q_t(y) - log p_t(y)], i.e. -(grad L)_Single
+                 grad = (1/n) sum_{b,t} m w_t grad KL(q_t || p_t), i.e. (grad L)_Single
         long   = -(1/n) sum_{b,t} m w_t A_t log q(y_t)          A_t = whiten(R^Norm_{t+1}), detached:
-                 grad = -(grad L)_Long^Norm, REINFORCE with the batch mean of R as baseline
+                 grad = -(1/n) sum_{b,t} m w_t A_t grad log q(y_t), i.e. (grad L)_Long^Norm,
+                 REINFORCE with the batch mean of R as baseline
         total  = single_weight * single + long_weight * long
 
     r_t = log p(y_t) - log q(y_t) uses the re-computed log-probs (MiniLLM recomputes them too); the
@@ -324,7 +336,7 @@ def onpolicy_losses(
 
     n = rmask.sum()
     if n == 0:
-        zero = q_logits.sum() * 0.0
+        zero = q_logits[rmask].sum()  # an empty selection: an exact 0 in the graph, no logit read
         return {"single": zero, "long": zero, "total": zero}
     m = rmask.to(log_q.dtype)
     w = importance_weights(logq_y, samples.logmix, clip) * m  # (B, T)

@@ -98,15 +98,18 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def load_for_inference(model_dir: str | Path, *, device: torch.device | str | None = None) -> Loaded:
+def load_for_inference(
+    model_dir: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Loaded:
     """(model, tokenizer, image transform) of a model folder, ready to answer: eval mode, no gradients,
     on ``device`` (default: the current CUDA device when there is one, else the CPU) in
     :func:`inference_dtype` of that device. Weights are read in that dtype directly (never a float32 copy
-    first). Distributed callers pass their rank's device."""
+    first). Distributed callers pass their rank's device. ``dtype`` overrides the policy only where the
+    dtype is itself recorded (the teacher cache's fingerprint holds the dtype of the teacher pass)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    model, tok, transform = _load(resolve(model_dir), inference_dtype(device))
+    model, tok, transform = _load(resolve(model_dir), dtype or inference_dtype(device))
     model.to(device).eval().requires_grad_(False)
     return model, tok, transform
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from geodistill.config import LlavaArch
-from geodistill.models.factory import apply_lora, llava_config, num_image_tokens
+from geodistill.models.llava import apply_lora, llava_config, num_image_tokens
 
 PARTS = ("vision tower", "position embeddings", "projector", "LLM embeddings", "LLM decoder", "LLM lm_head")
 """Parameter groups; "vision tower" excludes its position embeddings, "LLM decoder" holds the final norm."""
