@@ -31,28 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from geodistill.errors import ModelError, TrainingError
+from geodistill.models.llava import unwrap
 
 # ----------------------------------------------------------------------------------- model plumbing
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose forward signature is informative (DDP/DeepSpeed .module, PEFT base model)."""
-    for _ in range(8):  # wrappers nest a few levels at most; a bound instead of trusting every wrapper
-        if hasattr(model, "get_base_model"):
-            inner = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            inner = model.module
-        else:
-            break
-        if inner is model:
-            break
-        model = inner
-    return model
-
-
 def _cache_kwarg(model: nn.Module) -> str:
     """'cache' for transformers versions that renamed it, else 'past_key_values'."""
-    params = inspect.signature(_unwrap(model).forward).parameters
+    params = inspect.signature(unwrap(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
