@@ -45,7 +45,7 @@ def run(**overrides: object) -> RunPlan:
         precision="fp32", teacher_precision="fp32", zero=0, micro_batch=1, teacher_batch=1, lora_r=0,
         lora_targets=ALL_LINEAR, lora_dropout=0.0, freeze_vision=True, checkpointing=False, k=4,
         encoding="float16", pooling=1, steps=1, live_teacher=False, text_tokens=20, prefix_text_tokens=0,
-        answer_tokens=5,
+        answer_tokens=5, vocab_size=300,
     )  # fmt: skip
     return RunPlan(**{**base, **overrides})
 

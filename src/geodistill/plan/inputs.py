@@ -29,8 +29,9 @@ PRECISION_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Every input of the arithmetic beside the two models: from the params (first block), then the
-    preset's ``plan:`` section, then ``geodistill plan`` flags (same names, ``-`` for ``_``)."""
+    """Every input of the arithmetic beside the two models. The fields without a default come from the
+    params; a preset's ``plan:`` section overrides any field, ``geodistill plan`` flags (same names, ``-``
+    for ``_``) override both."""
 
     precision: Precision
     """Distillation precision (``distill.train.precision``): bf16/fp16 = 16-bit weights + fp32 masters."""
@@ -62,14 +63,15 @@ class RunPlan:
     """Distillation optimizer steps (``distill.train.steps``)."""
     live_teacher: bool
     """On-policy terms (``distill.onpolicy.enabled``): the teacher sits in GPU memory during distillation."""
+    vocab_size: int
+    """Vocabulary of models built from ``arch`` (``tokenizer.vocab_size``; a checkpoint's config.json has
+    its own)."""
     gpus: int = 1
     """GPUs (data-parallel ranks) for the teacher pass and for distillation."""
     gpu_memory_gib: float = 80.0
     """Memory of one GPU, to say whether a figure fits."""
     tflops: float = 100.0
     """Achieved TFLOP/s per GPU (FLOPs as counted here / wall time), not the peak."""
-    vocab_size: int = 32001
-    """Vocabulary of models built from ``arch`` (a checkpoint's config.json has its own)."""
     records: int = 10000
     """Training records (instruction pairs) the teacher pass covers."""
     records_per_image: float = 1.0
@@ -116,8 +118,7 @@ class RunPlan:
         return out
 
 
-ASSUMPTIONS = tuple(f.name for f in dataclasses.fields(RunPlan) if f.default is not dataclasses.MISSING)
-"""RunPlan fields a preset's ``plan:`` section may set (the others come from the params)."""
+FIELDS = tuple(f.name for f in dataclasses.fields(RunPlan))
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class Preset:
     params: dict[str, Any]
     """Raw params sections, merged over the base params.yaml when one is given."""
     plan: dict[str, Any]
-    """The ``plan:`` section (RunPlan assumption fields)."""
+    """The ``plan:`` section (RunPlan fields)."""
     pending: tuple[str, ...]
     """Dotted keys of ``params`` that config.py does not define yet (not validated, not applied)."""
 
@@ -179,9 +180,9 @@ def read_preset(path: str | Path, base: str | Path | None = None) -> Preset:
         params, plan = raw.get("params") or {}, raw.get("plan") or {}
     else:
         params, plan = raw, {}
-    bad = sorted(set(plan) - set(ASSUMPTIONS))
+    bad = sorted(set(plan) - set(FIELDS))
     if bad:
-        raise ConfigError(f"{path}: plan.{bad[0]}: unknown (valid: {', '.join(ASSUMPTIONS)})")
+        raise ConfigError(f"{path}: plan.{bad[0]}: unknown (valid: {', '.join(FIELDS)})")
     pending = schema_unknown(params)
     if base is not None and Path(base).is_file():
         params = _merge(read_params(base), params)
@@ -239,6 +240,7 @@ def run_plan(
         "pooling": cache.pooling,
         "steps": distill.train.steps,
         "live_teacher": distill.onpolicy.enabled,
+        "vocab_size": typed["tokenizer"].vocab_size,
     }
     values = {**derived, **preset.plan, **{k: v for k, v in flags.items() if v is not None}}
     return from_dict(RunPlan, values, "plan"), typed

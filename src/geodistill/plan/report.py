@@ -195,8 +195,8 @@ def _cache_section(p: Plan) -> list[str]:
         "",
         table(["array", "unit", "count", "GB"], rows),
         "",
-        f"Assumes: {run.records:,} records x {run.answer_tokens} supervised tokens, "
-        f"{run.records_per_image:g} records per image; int8 features carry one fp32 scale per token. zstd "
+        f"Assumes: {run.records:,} records x {run.answer_tokens} supervised tokens, records per image: "
+        f"{run.records_per_image:g}; int8 features carry one fp32 scale per token. zstd "
         "shrinks the top-k arrays ~1.5x.",
     ]
 
@@ -219,10 +219,10 @@ def _time_section(p: Plan) -> list[str]:
         "",
         table(["", "PFLOP", "hours"], rows),
         "",
-        f"Assumes: hours = FLOPs / (GPUs x achieved TFLOP/s). Prefix reuse: {run.records_per_image:g} "
-        f"records per image share {t.image_tokens:,} image + {run.prefix_text_tokens} text tokens, "
-        "computed once per image. Not counted: data loading, cache writes, on-policy sampling and "
-        "live-teacher scoring.",
+        f"Assumes: hours = FLOPs / (GPUs x achieved TFLOP/s). Prefix reuse: the records of an image "
+        f"({run.records_per_image:g} on average) share {t.image_tokens:,} image + {run.prefix_text_tokens} "
+        "text tokens, computed once per image. Not counted: data loading, cache writes, on-policy "
+        "sampling and live-teacher scoring.",
     ]
 
 
