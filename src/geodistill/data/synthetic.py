@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from geodistill.data.records import Box, Record, Turn, format_boxes
+from geodistill.data.records import SCENE_PROMPT, VQA_SUFFIX, Box, Record, Turn, format_boxes
 
 SCENES = ("forest", "farmland", "desert", "water", "residential", "industrial", "airport", "harbor")
 URBAN = frozenset({"residential", "industrial", "airport", "harbor"})
@@ -49,8 +49,6 @@ SCENE_OBJECTS: dict[str, dict[str, tuple[int, int]]] = {
     "harbor": {"ship": (1, 3), "storage tank": (0, 2)},
 }
 
-SCENE_PROMPT = "Classify the image in the following classes: {classes}. Answer in one word or a short phrase."
-VQA_SUFFIX = "Answer the question using a single word or phrase."
 QTYPES = ("presence", "comparison", "count", "rural_urban")
 
 
