@@ -74,42 +74,43 @@ class EvalSet:
         return no_set_reason(self.task, self.source)
 
 
-def _prepared_sets(split_file: Path, image_root: Path, on_error: loaders.OnError) -> dict[str, EvalSet]:
-    """The evaluation tasks' records of the prepared split, checked as a benchmark's are."""
-    checked = {t: loaders.CheckedRecords(split_file, image_root, "image", on_error) for t in EVAL_TASKS}
+def _eval_set(task: str, source: str | Path, loaded: loaders.LoadResult, image_dir: Path) -> EvalSet:
+    return EvalSet(task, str(source), [(r, image_dir / r.image) for r in loaded.records], loaded.skipped)
+
+
+def _prepared_sets(
+    split_file: Path, image_root: Path, tasks: Sequence[str], on_error: loaders.OnError
+) -> dict[str, EvalSet]:
+    """The records of ``tasks`` in the prepared split, checked as a benchmark's are."""
+    checked = {t: loaders.CheckedRecords(split_file, image_root, "image", on_error) for t in tasks}
     for rec in read_jsonl_records(split_file):
         if rec.task in checked:
             try:
                 checked[rec.task].add(rec.to_dict())
             except DataError as e:
                 checked[rec.task].skip(e)
-    return {
-        t: EvalSet(t, str(split_file), [(r, image_root / r.image) for r in c.records], c.errors.skipped)
-        for t, c in checked.items()
-    }
+    return {t: _eval_set(t, split_file, c.result(), image_root) for t, c in checked.items()}
 
 
 def _benchmark_sets(cfg: EvalConfig, on_error: loaders.OnError) -> dict[str, EvalSet]:
     """The real benchmarks configured in ``eval.benchmarks`` (each replaces its task's prepared items)."""
     b = cfg.benchmarks
-    loaded: dict[str, tuple[loaders.LoadResult, Path, str]] = {}
+    sets: dict[str, EvalSet] = {}
     if b.scene_dir:
         res = loaders.load_scene_folder(b.scene_dir, on_error=on_error)
-        loaded["scene"] = (res, Path(b.scene_dir), b.scene_dir)
+        sets["scene"] = _eval_set("scene", b.scene_dir, res, Path(b.scene_dir))
     if b.rsvqa_dir:
         q, a, i = loaders.rsvqa_files(b.rsvqa_dir, b.rsvqa_prefix)
         image_dir = Path(b.rsvqa_image_dir or b.rsvqa_dir)
-        loaded["vqa"] = (loaders.load_rsvqa(q, a, i, image_dir, on_error=on_error), image_dir, str(q))
+        res = loaders.load_rsvqa(q, a, i, image_dir, on_error=on_error)
+        sets["vqa"] = _eval_set("vqa", q, res, image_dir)
     if b.referring_jsonl:
         res = loaders.load_geochat_referring(b.referring_jsonl, b.image_dir, on_error=on_error)
-        loaded["referring"] = (res, Path(b.image_dir), b.referring_jsonl)
+        sets["referring"] = _eval_set("referring", b.referring_jsonl, res, Path(b.image_dir))
     if b.region_caption_json:
         res = loaders.load_geochat_region_captions(b.region_caption_json, b.image_dir, on_error=on_error)
-        loaded["region_caption"] = (res, Path(b.image_dir), b.region_caption_json)
-    return {
-        task: EvalSet(task, source, [(r, root / r.image) for r in res.records], res.skipped)
-        for task, (res, root, source) in loaded.items()
-    }
+        sets["region_caption"] = _eval_set("region_caption", b.region_caption_json, res, Path(b.image_dir))
+    return sets
 
 
 def load_sets(
@@ -118,15 +119,15 @@ def load_sets(
     """The evaluation set of every task (real benchmarks override the prepared split), at most
     ``cfg.limit`` items each."""
     split_file = prepared / ("test.jsonl" if cfg.split == "test" else "val_eval.jsonl")
-    sets = {**_prepared_sets(split_file, image_root, on_error), **_benchmark_sets(cfg, on_error)}
+    real = _benchmark_sets(cfg, on_error)
+    from_split = [t for t in EVAL_TASKS if t not in real]
+    sets = {**_prepared_sets(split_file, image_root, from_split, on_error), **real}
     if cfg.limit:
         sets = {t: EvalSet(t, s.source, s.items[: cfg.limit], s.skipped) for t, s in sets.items()}
-    return sets
+    return {t: sets[t] for t in EVAL_TASKS}
 
 
-def _answer(
-    model, tok, transform, n_img: int, items: Sequence[Item], cfg: EvalConfig
-) -> list[str]:
+def _answer(model, tok, transform, n_img: int, items: Sequence[Item], cfg: EvalConfig) -> list[str]:
     prompts = [Prompt(rec.conversations[:1], path) for rec, path in items]
     bar = tqdm(total=len(prompts), unit="q", leave=False)
     answers, _ = generate(
