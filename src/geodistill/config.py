@@ -425,6 +425,9 @@ class EvalConfig:
     """At most this many items per task (0: all)."""
     latency_samples: int = 16
     """Single-sample generations timed for latency."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad evaluation items (unreadable image, a path outside its folder, a malformed benchmark record):
+    raise naming file/item/field, or skip them and list them in reports/eval/<model>/skipped.json."""
     benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
     """Real benchmarks (override the prepared split per task)."""
 

@@ -14,6 +14,12 @@ def _geochat(tmp_path, records):
     for name in ("a.png", "b.jpg"):
         Image.new("RGB", (20, 10), (1, 2, 3)).save(img_dir / name)
     (img_dir / "broken.png").write_bytes(b"not an image")
+    # A truncated PNG: its header reads, its pixels do not (only a full decode finds it).
+    Image.effect_noise((64, 64), 50).convert("RGB").save(img_dir / "truncated.png")
+    data = (img_dir / "truncated.png").read_bytes()
+    (img_dir / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (20, 10)).save(tmp_path / "outside.png")
+    (img_dir / "link.png").symlink_to(tmp_path / "outside.png")
     src = tmp_path / "geochat.json"
     src.write_text(json.dumps(records))
     return DataConfig(
@@ -62,6 +68,10 @@ def test_train_val_test_images_are_disjoint(tmp_path):
 BAD = [
     (rec(1, image="missing.png"), "not found"),
     (rec(2, image="broken.png"), "unreadable"),
+    (rec(8, image="truncated.png"), "unreadable"),
+    (rec(9, image="../outside.png"), "field 'image': image path '../outside.png' resolves outside"),
+    (rec(10, image="/etc/hostname"), "resolves outside the image folder"),
+    (rec(11, image="link.png"), "field 'image': image path 'link.png' resolves outside"),
     (rec(3, answer="{<1><2><300><40>}"), "outside the 0-100 grid"),
     (rec(4, answer=""), "empty answer"),
     (

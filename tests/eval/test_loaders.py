@@ -8,25 +8,31 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from geodistill.data.records import Box, parse_boxes
+from geodistill.data.records import parse_boxes
 from geodistill.errors import DataError
 from geodistill.eval.loaders import (
     load_geochat_referring,
     load_geochat_region_captions,
     load_rsvqa,
     load_scene_folder,
-    parse_polygons,
-    polygon_to_box,
     readable_class,
     rsvqa_files,
 )
-from geodistill.eval.metrics import GroundingItem, grounding_metrics, polygon_iou
+from geodistill.eval.metrics import ReferringItem, referring_metrics
 
 
 def _image(path: Path, size: tuple[int, int] = (8, 8)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".tif": "TIFF", ".png": "PNG"}[path.suffix]
     Image.new("RGB", size, (10, 120, 30)).save(path, format=fmt)
+
+
+def _truncated_png(path: Path) -> None:
+    """A PNG whose header reads (size, mode) but whose pixel data stops early: fails only when decoded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.effect_noise((64, 64), 50).convert("RGB").save(path, format="PNG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
 # -------------------------------------------------------------------------------------- UCMerced / AID
@@ -54,7 +60,7 @@ def test_scene_folder(tmp_path):
     res = load_scene_folder(root, dataset="ucm")
     assert res.skipped == [] and len(res.records) == 3
     r = res.records[0]
-    assert r.task == "scene" and r.id == "ucm/airplane/airplane00"
+    assert r.task == "scene" and r.id == "ucm/airplane/airplane00.jpg"
     assert r.image == "airplane/airplane00.jpg" and (root / r.image).is_file()
     assert r.first_question == (
         "<image>\nClassify the image in the following classes: airplane, dense residential. "
@@ -79,6 +85,38 @@ def test_scene_folder_empty_class_raises_or_is_counted(tmp_path):
     assert [r.meta["classes"] for r in res.records] == [["forest"]]
     with pytest.raises(DataError, match="not found"):
         load_scene_folder(tmp_path / "missing")
+
+
+def test_scene_folder_truncated_image_is_named_when_loaded(tmp_path):
+    """AID layout with one truncated PNG: a DataError naming the file at load time (not a PIL traceback
+    mid-generation), or a counted skip."""
+    _image(tmp_path / "Airport" / "airport_1.png")
+    _truncated_png(tmp_path / "Airport" / "airport_2.png")
+    _image(tmp_path / "Forest" / "forest_1.png")
+    with pytest.raises(DataError, match=r"airport_2\.png', field 'image': image file .*airport_2\.png"):
+        load_scene_folder(tmp_path, dataset="aid")
+    res = load_scene_folder(tmp_path, dataset="aid", on_error="skip")
+    assert [r.id for r in res.records] == ["aid/Airport/airport_1.png", "aid/Forest/forest_1.png"]
+    assert res.n_skipped == 1 and "airport_2.png" in res.skipped[0] and "unreadable" in res.skipped[0]
+
+
+def test_scene_folder_same_stem_gives_two_items(tmp_path):
+    _image(tmp_path / "forest" / "x.png")
+    _image(tmp_path / "forest" / "x.tif")
+    res = load_scene_folder(tmp_path, dataset="d")
+    assert [r.id for r in res.records] == ["d/forest/x.png", "d/forest/x.tif"]
+    assert len({r.image_id for r in res.records}) == 2
+
+
+def test_scene_folder_refuses_a_symlink_out_of_the_folder(tmp_path):
+    _image(tmp_path / "outside" / "secret.png")
+    root = tmp_path / "scenes"
+    _image(root / "forest" / "a.png")
+    (root / "forest" / "b.png").symlink_to(tmp_path / "outside" / "secret.png")
+    with pytest.raises(DataError, match=r"field 'image': image path 'forest/b\.png' resolves outside"):
+        load_scene_folder(root)
+    res = load_scene_folder(root, on_error="skip")
+    assert [r.image for r in res.records] == ["forest/a.png"] and res.n_skipped == 1
 
 
 # ---------------------------------------------------------------------------------------------- RSVQA
@@ -170,44 +208,23 @@ def test_rsvqa_missing_image_file(tmp_path):
         load_rsvqa(*files, images)
 
 
-# ---------------------------------------------------------------------------------- GeoChat-Bench boxes
+def test_rsvqa_image_outside_the_folder_or_truncated(tmp_path):
+    images = tmp_path / "Data"
+    _image(images / "0.tif")
+    _image(tmp_path / "secret.tif")
+    (images / "7.tif").symlink_to(tmp_path / "secret.tif")  # listed in the folder, but points out of it
+    _image(tmp_path / "8.tif")  # beside the folder: "../8" is not in its listing
+    _truncated_png(images / "3.png")
+    qs = [_q(i, img, "Is there a road?", "presence", 0) for i, img in enumerate([0, 7, "../8", 3])]
+    files = _rsvqa(tmp_path, qs, [_a(0, 0, "yes")], [{"id": i} for i in (0, 7, "../8", 3)])
+    with pytest.raises(DataError, match=r"record 1, field 'img_id': image path '7\.tif' resolves outside"):
+        load_rsvqa(*files, images, extensions=(".tif", ".png"))
+    res = load_rsvqa(*files, images, extensions=(".tif", ".png"), on_error="skip")
+    assert [r.image for r in res.records] == ["0.tif"] and res.n_skipped == 3
+    assert "no image ../8" in res.skipped[1] and "3.png is unreadable" in res.skipped[2]
 
 
-def test_polygon_to_box_round_trips_rotated_boxes():
-    for box in [Box(10, 20, 40, 30, 30), Box(10, 20, 40, 30), Box(60, 10, 70, 80, 75)]:
-        for w, h in [(100, 100), (800, 600)]:
-            poly = box.polygon(w, h)
-            back = polygon_to_box(poly, w, h)
-            assert back == box
-            assert polygon_iou(poly, back.polygon(w, h)) == pytest.approx(1.0)
-
-
-def test_polygon_to_box_angle_convention():
-    # A 40x10 px bar turned 30 degrees clockwise on screen (y down): theta = 30, whatever corner the
-    # polygon starts at; a quarter-turned description folds back into [0, 90).
-    poly = Box(30, 45, 70, 55, 30).polygon(100, 100)
-    assert polygon_to_box(poly[1:] + poly[:1], 100, 100) == Box(30, 45, 70, 55, 30)
-    assert polygon_to_box(Box(45, 30, 55, 70, -60).polygon(100, 100), 100, 100) == Box(30, 45, 70, 55, 30)
-
-
-def test_polygon_to_box_keeps_border_boxes_on_the_grid():
-    # A long thin bar along the diagonal: its 0..90 form would leave the grid; the box stays valid.
-    poly = [(2.0, 0.0), (100.0, 98.0), (98.0, 100.0), (0.0, 2.0)]
-    b = polygon_to_box(poly, 100, 100)
-    assert b.problems() == []
-    assert polygon_iou(poly, b.polygon(100, 100)) > 0.5
-
-
-def test_parse_polygons_shapes():
-    sq = [[0, 0], [4, 0], [4, 4], [0, 4]]
-    assert parse_polygons(sq) == [[(0, 0), (4, 0), (4, 4), (0, 4)]]
-    assert parse_polygons([sq, sq]) == parse_polygons([sq]) * 2
-    assert parse_polygons([0, 0, 4, 0, 4, 4, 0, 4]) == parse_polygons(sq)
-    assert parse_polygons([0, 0, 4, 4]) == parse_polygons(sq)
-    assert parse_polygons(json.dumps([sq])) == parse_polygons(sq)
-    for bad in [[], "nope", [[0, 0], [1, 1]], [sq, "x"], [[0, 0], [4, 0], [4, float("nan")], [0, 4]]]:
-        with pytest.raises(ValueError):
-            parse_polygons(bad)
+# ------------------------------------------------------------------------------------- GeoChat-Bench
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -256,8 +273,8 @@ def test_geochat_referring(tmp_path):
     assert len(parse_boxes(r2.answers[0])) == 2 and r2.meta["multi"] is True
     assert r2.meta["size"] == "medium"  # computed from the mean area: (4 % + 0.01 %) / 2 of the image
     # A model that answers the ground truth scores 1 through the exact polygons.
-    items = [GroundingItem.from_meta(r.answers[0], r.meta) for r in res.records]
-    assert grounding_metrics(items)["acc@0.5"] == 1.0
+    items = [ReferringItem.from_meta(r.answers[0], r.meta) for r in res.records]
+    assert referring_metrics(items)["acc@0.5"] == 1.0
 
 
 def test_geochat_referring_bad_input(tmp_path):
@@ -325,3 +342,28 @@ def test_geochat_region_captions_bad_input(tmp_path):
     assert res.records == [] and res.n_skipped == 3
     assert "outside the 0-100 grid" in res.skipped[1]
     assert "field 'ground_truth'" in res.skipped[2]
+
+
+def test_geochat_bench_refuses_images_outside_the_folder_and_repeated_ids(tmp_path):
+    images = tmp_path / "images"
+    _image(images / "P1.png", (64, 64))
+    _image(tmp_path / "secret.png", (64, 64))
+    _truncated_png(images / "broken.png")
+    good = {"question_id": "ok", "image_id": "P1", "question": "a car", "ground_truth": [[0, 0, 6, 6]]}
+    rows = [
+        good,
+        {**good, "question_id": "up", "image_id": "../secret"},
+        {**good, "question_id": "abs", "image_id": str(tmp_path / "secret")},
+        {**good, "question_id": "broken", "image_id": "broken"},
+        good,  # the same question_id again
+    ]
+    path = _jsonl(tmp_path / "referring.jsonl", rows)
+    with pytest.raises(DataError, match=r"record 'up', field 'image_id': image path '\.\./secret\.png'"):
+        load_geochat_referring(path, images)
+    res = load_geochat_referring(path, images, on_error="skip")
+    assert [r.id for r in res.records] == ["ok"] and res.n_skipped == 4
+    assert "resolves outside" in res.skipped[0] and "resolves outside" in res.skipped[1]
+    assert "unreadable" in res.skipped[2] and "field 'id'" in res.skipped[3]
+    captions = [{**r, "question": "{<1><2><30><40>}", "ground_truth": "a car"} for r in rows]
+    res = load_geochat_region_captions(_jsonl(tmp_path / "region.jsonl", captions), images, on_error="skip")
+    assert [r.id for r in res.records] == ["ok"] and res.n_skipped == 4

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from geodistill.errors import DataError
-from geodistill.eval import report
-from geodistill.eval.report import Delta, noise_band, read_tsv, write_report
+from geodistill.eval.report import write_report
+from geodistill.eval.results import MODELS
+from geodistill.eval.tasks import EVAL_TASKS, headline, no_set_reason
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,10 +42,10 @@ def _details(name: str) -> dict:
         "vqa": {"accuracy": {"presence": s["vqa"], "count": s["vqa"] - 0.1},
                 "n": {"presence": 200, "count": 200}, "mOA": s["vqa"], "OA": s["vqa"] - 0.05,
                 "n_total": N, "empty": 0},
-        "grounding": {"n_items": N, "n_gt": 500, "n_pred": 450, "acc@0.5": s["g5"], "acc@0.25": s["g5"] + 0.1,
+        "referring": {"n_items": N, "n_gt": 500, "n_pred": 450, "acc@0.5": s["g5"], "acc@0.25": s["g5"] + 0.1,
                       "unparsed": 11, "by_size": {"small": cell, "large": {**cell, "acc@0.5": 0.333}},
                       "by_objects": {"single": cell, "multi": {**cell, "acc@0.5": 0.125}}},
-        "captioning": {"n": N, "empty": 0, "rouge1": s["r1"], "rougeL": s["r1"] - 0.02,
+        "region_caption": {"n": N, "empty": 0, "rouge1": s["r1"], "rougeL": s["r1"] - 0.02,
                        "meteor": s["r1"] / 2},
         "efficiency": {"params": {"total": 7_000_000_000 if name == "teacher" else 3_085_504,
                                   "language_model": 2_885_888}, "flops_per_sample": 839_057_408,
@@ -56,20 +54,7 @@ def _details(name: str) -> dict:
     }  # fmt: skip
 
 
-def _headline(d: dict) -> dict:
-    return {
-        "scene_OA": d["scene"]["OA"],
-        "scene_AA": d["scene"]["AA"],
-        "vqa_mOA": d["vqa"]["mOA"],
-        "grounding_acc@0.5": d["grounding"]["acc@0.5"],
-        "grounding_acc@0.25": d["grounding"]["acc@0.25"],
-        "caption_rouge1": d["captioning"]["rouge1"],
-        "caption_rougeL": d["captioning"]["rougeL"],
-        "caption_meteor": d["captioning"]["meteor"],
-    }
-
-
-def _fake_pipeline(root: Path, models=report.MODELS) -> None:
+def _fake_pipeline(root: Path, models=MODELS) -> None:
     """metrics/, reports/eval/<model>/ (metrics, predictions, confusion) and dvclive/ as the stages write."""
     images = root / "data" / "prepared" / "images"
     images.mkdir(parents=True)
@@ -79,7 +64,7 @@ def _fake_pipeline(root: Path, models=report.MODELS) -> None:
     for k, name in enumerate(models):
         d = _details(name)
         (root / "metrics" / f"{name}.json").write_text(
-            json.dumps({"headline": _headline(d), "scene": {"OA": 0}})
+            json.dumps({"headline": headline(d), "scene": {"OA": 0}})
         )
         ev = root / "reports" / "eval" / name
         ev.mkdir(parents=True)
@@ -97,7 +82,7 @@ def _fake_pipeline(root: Path, models=report.MODELS) -> None:
                      "reference": "a", "meta": {}})  # fmt: skip
         (ev / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for run, names in {"teacher": ["loss", "ce"], "student_sft": ["loss"], "student_control": ["loss", "ce"],
-                       "distill": ["loss", "kl", "align", "pt", "ce", "lr"]}.items():  # fmt: skip
+                       "student_kd": ["loss", "kl", "align", "pt", "ce", "lr"]}.items():  # fmt: skip
         folder = root / "dvclive" / run / "plots" / "metrics"
         folder.mkdir(parents=True)
         for n in names:
@@ -121,7 +106,7 @@ def test_full_report(tmp_path):
     out = write_report(tmp_path)
     md = out.read_text()
     assert out == tmp_path / "reports" / "report.md"
-    for section in ("Scene classification", "VQA", "Grounding", "Region captioning", "Efficiency",
+    for section in ("Scene classification", "VQA", "Referring (boxes)", "Region captions", "Efficiency",
                     "What distillation adds"):  # fmt: skip
         assert f"## {section}" in md
     # Numbers come from the full details, as percentages with one decimal.
@@ -139,15 +124,15 @@ def test_full_report(tmp_path):
         para
     )
     assert "the same or within noise on VQA mOA" in para
-    assert "scene 400" in para and "grounding 400" in para
+    assert "scene 400" in para and "referring 400" in para
     # Teacher gap on scene OA is 30 points; student_kd closes 20/30 of it.
     assert "scene OA 67%" in para
     assert "val token acc" in md and "43.2" in md
     figures = tmp_path / "reports" / "figures"
-    for name in ("grounding.png", "losses.png", "confusion_student_kd.png"):
+    for name in ("referring.png", "losses.png", "confusion_student_kd.png"):
         assert _is_png(figures / name), name
         assert f"figures/{name}" in md
-    with Image.open(figures / "grounding.png") as im:
+    with Image.open(figures / "referring.png") as im:
         assert im.width > 400 and im.height > 300  # 4 model columns, 3 image rows
     assert "Not evaluated" not in md and "warning" not in md
     assert "Sources: teacher: reports/eval/teacher/metrics.json" in md
@@ -157,7 +142,7 @@ def test_missing_models_and_summary_fallback(tmp_path):
     _fake_pipeline(tmp_path, ("teacher", "student_sft", "student_kd"))
     # student_kd has only the DVC summary: the tables still fill from it, the figure skips its column.
     d = _details("student_kd")
-    (tmp_path / "metrics" / "student_kd.json").write_text(json.dumps({"headline": _headline(d), **d}))
+    (tmp_path / "metrics" / "student_kd.json").write_text(json.dumps({"headline": headline(d), **d}))
     for f in (tmp_path / "reports" / "eval" / "student_kd").iterdir():
         f.unlink()
     md = write_report(tmp_path).read_text()
@@ -169,7 +154,7 @@ def test_missing_models_and_summary_fallback(tmp_path):
     assert "No confusion matrix of student_kd" in md
     assert "(student_kd: no referring predictions)" in md
     assert "(student_control: no dvclive logs)" not in md  # its logs exist even though it was not evaluated
-    assert _is_png(tmp_path / "reports" / "figures" / "grounding.png")
+    assert _is_png(tmp_path / "reports" / "figures" / "referring.png")
     assert not (tmp_path / "reports" / "figures" / "confusion_student_kd.png").exists()
 
 
@@ -187,25 +172,24 @@ def test_stale_summary_is_flagged_and_nothing_evaluated_still_writes(tmp_path):
     assert "there is no box figure" in md
 
 
-def test_noise_band_and_verdicts():
-    # Two standard errors of the difference of two proportions, in points.
-    assert noise_band(0.5, 0.5, 100, 100) == pytest.approx(200 * math.sqrt(0.005))
-    assert noise_band(0.0, 0.0, 10, 10) == 0.0
-    assert math.isinf(noise_band(0.5, 0.5, None, 100))
-    assert Delta("x", 0.01, 5.0, 10).verdict == "same"
-    assert Delta("x", 4.0, 5.0, 10).verdict == "within noise"
-    assert Delta("x", -6.0, 5.0, 10).verdict == "lower"
-    assert Delta("x", 100.0, 0.0, 10).verdict == "higher"  # 0 % vs 100 %: no noise at all
-    assert Delta("x", 3.0, math.inf, None).verdict == "within noise"
-
-
-def test_read_tsv(tmp_path):
-    f = tmp_path / "kl.tsv"
-    f.write_text("timestamp\tstep\tkl\n1700000000\t2\t0.5\n1700000001\t4\t0.25\n")
-    assert read_tsv(f) == ([2.0, 4.0], [0.5, 0.25])
-    f.write_text("step\tkl\n2\tnan?\n")
-    with pytest.raises(DataError, match="line 2"):
-        read_tsv(f)
-    f.write_text("kl\n0.5\n")
-    with pytest.raises(DataError, match="step"):
-        read_tsv(f)
+def test_tasks_without_items_say_why_and_skips_are_counted(tmp_path):
+    """Real training data and no benchmark configured: the report says which task has no set and which
+    param gives it one, instead of tables of dashes alone."""
+    _fake_pipeline(tmp_path, ("student_kd",))
+    d = _details("student_kd")
+    split = "data/prepared/test.jsonl"
+    d["sets"] = {
+        t: {"source": split, "n": 0, "skipped": 0, "note": no_set_reason(t, split)} for t in EVAL_TASKS
+    }
+    d["sets"]["scene"] = {"source": "AID", "n": 398, "skipped": 2}
+    for task in ("vqa", "referring", "region_caption"):
+        del d[task]
+    (tmp_path / "metrics" / "student_kd.json").write_text(json.dumps({"headline": headline(d)}))
+    (tmp_path / "reports" / "eval" / "student_kd" / "metrics.json").write_text(json.dumps(d))
+    md = write_report(tmp_path).read_text()
+    notes = md.split("Tasks without evaluation items")[1].split("\n\n")[1]
+    assert "vqa: no evaluation items" in notes and "set eval.benchmarks.rsvqa_dir" in notes
+    assert "set eval.benchmarks.referring_jsonl" in notes and "eval.benchmarks.region_caption_json" in notes
+    assert "scene" not in notes
+    assert "| student_kd | 398 (2 skipped) | 0 | 0 | 0 |" in md
+    assert "| student_kd | – | – | – | – | – |" in md  # the region caption table: dashes, explained above

@@ -17,8 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEADLINE = ("scene_OA", "scene_AA", "vqa_mOA", "grounding_acc@0.5", "grounding_acc@0.25", "caption_rougeL",
-            "caption_meteor")  # fmt: skip
+from geodistill.eval.tasks import HEADLINE
 
 
 def run_seed(seed: int, extra: list[str]) -> dict[str, dict[str, float]]:
@@ -43,11 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
     print(
-        f"{'metric':22s} "
+        f"{'metric':24s} "
         + " ".join(f"{'seed ' + str(s):>17s}" for s in args.seeds)
         + "   kd-control mean ± sd"
     )
-    for key in HEADLINE:
+    for key in (h.key for h in HEADLINE):
         cells, diffs = [], []
         for s in args.seeds:
             c, k = results[s]["student_control"].get(key), results[s]["student_kd"].get(key)
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             diffs.append(100 * (k - c))
         sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
         mean = statistics.mean(diffs) if diffs else float("nan")
-        print(f"{key:22s} " + " ".join(cells) + f"   {mean:+.1f} ± {sd:.1f}")
+        print(f"{key:24s} " + " ".join(cells) + f"   {mean:+.1f} ± {sd:.1f}")
     print("(cells: control / kd, in %; differences in points)")
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from geodistill.config import DataConfig
 from geodistill.data import synthetic
-from geodistill.data.records import IMAGE_PLACEHOLDER, Record, parse_record
+from geodistill.data.records import IMAGE_PLACEHOLDER, ImageChecks, Record, parse_record
 from geodistill.data.template import SYSTEM
 from geodistill.errors import DataError
 
@@ -68,22 +67,14 @@ def prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
     return {"source": "synthetic", "image_root": ".", "records": counts, "skipped": 0, "skips": []}
 
 
-def _check_image(path: Path) -> str | None:
-    """None when the image opens, else why not (header read only: cheap for 318k images)."""
-    if not path.is_file():
-        return f"image file {path} not found"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # PIL raises many types for corrupt files; all mean "unreadable"
-        return f"image file {path} is unreadable ({type(e).__name__}: {e})"
-    return None
-
-
 def load_geochat(
     json_path: Path, image_dir: Path, on_error: str
 ) -> tuple[list[Record], list[dict[str, str]]]:
-    """Validate a GeoChat_Instruct-style JSON list; returns (records, skips) or raises DataError."""
+    """Validate a GeoChat_Instruct-style JSON list; returns (records, skips) or raises DataError.
+
+    Each record's image must lie inside ``image_dir`` (no absolute path, ``..`` or symlink out) and
+    decode whole (a truncated file fails here, not in the middle of sharding or training).
+    """
     try:
         raw = json.loads(json_path.read_text())
     except json.JSONDecodeError as e:
@@ -93,14 +84,13 @@ def load_geochat(
     if not isinstance(raw, list):
         raise DataError(f"{json_path}: expected a JSON list of records, got {type(raw).__name__}")
     records, skips = [], []
-    checked: dict[str, str | None] = {}
+    images = ImageChecks(image_dir)
     for i, obj in enumerate(raw):
         try:
             rec = parse_record(obj, source=str(json_path), index=i, require_task=False)
-            if rec.image not in checked:
-                checked[rec.image] = _check_image(image_dir / rec.image)
-            if checked[rec.image] is not None:
-                raise DataError(f"{json_path}: record {rec.id!r}, field 'image': {checked[rec.image]}")
+            why = images.problem(rec.image)
+            if why is not None:
+                raise DataError(f"{json_path}: record {rec.id!r}, field 'image': {why}")
         except DataError as e:
             if on_error == "raise":
                 raise DataError(f"{e}\n(set data.on_error: skip to skip and count bad records)") from None

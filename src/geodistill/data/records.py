@@ -1,4 +1,4 @@
-"""GeoChat instruction records: schema, validation, task tokens and rotated boxes.
+"""GeoChat instruction records: schema, validation, task names and prompts, image paths, rotated boxes.
 
 A record is one conversation about one image (DESIGN.md, "Prepared record")::
 
@@ -18,15 +18,17 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from geodistill.errors import DataError
+from geodistill.files import image_problem, inside
 
 IMAGE_PLACEHOLDER = "<image>"
-TASK_TOKENS = ("[grounding]", "[identify]", "[refer]")
 ROLES = ("human", "gpt")
 
-#: Every instruction type of the paper's Table 2, plus the names the four evaluation sets use.
+#: Every instruction type of the paper's Table 2; scene, vqa, referring and region_caption are also the
+#: four evaluation tasks (geodistill.eval.tasks), under these names from records to report.
 TASKS = (
     "scene",
     "vqa",
@@ -37,6 +39,14 @@ TASKS = (
     "region_caption",
     "referring",
 )
+
+# The wording of GeoChat's evaluation scripts; the synthetic benchmark asks its scene and VQA questions
+# the same way, so a model trained here is evaluated on a real benchmark with the prompts it learnt.
+SCENE_PROMPT = "Classify the image in the following classes: {classes}. Answer in one word or a short phrase."
+VQA_SUFFIX = "Answer the question using a single word or phrase."
+REFER_PROMPT = "[refer] Give me the location of <p> {q} </p>"
+GROUNDING_PROMPT = "[grounding] {q}"
+IDENTIFY_PROMPT = "[identify] What is the object present at {q}"
 
 _NUM = r"(-?\d+(?:\.\d+)?)"
 BOX_RE = re.compile(rf"\{{<{_NUM}><{_NUM}><{_NUM}><{_NUM}>(?:\|<{_NUM}>)?\}}")
@@ -217,3 +227,28 @@ def parse_record(obj: Any, *, source: str, index: int, require_task: bool = True
     if not isinstance(meta, dict):
         raise fail("meta", "must be an object")
     return Record(str(obj["id"]), image, str(image_id), task, tuple(turns), meta)
+
+
+class ImageChecks:
+    """The images records name under one folder, each checked once: inside the folder and decodable whole.
+
+    A record's ``image`` is a path relative to its image folder; an absolute path, ``..`` or a symlink
+    out of the folder would let a dataset read any file on the machine, and a truncated file must fail
+    when the set is loaded, not in the middle of a training or evaluation run.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._problems: dict[str, str | None] = {}
+
+    def problem(self, relative: str) -> str | None:
+        """None when ``relative`` is a readable image inside the folder, else why not (file named)."""
+        if relative not in self._problems:
+            path = inside(self.root, relative)
+            self._problems[relative] = (
+                f"image path {relative!r} resolves outside the image folder {self.root} (an absolute path, "
+                "'..' or a symlink out); records may only name images inside it"
+                if path is None
+                else image_problem(path)
+            )
+        return self._problems[relative]

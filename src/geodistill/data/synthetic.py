@@ -4,9 +4,9 @@ Real remote-sensing data cannot be downloaded here, so ``prepare`` can generate 
 from a seed. It is designed to be learnable by tiny LLaVA models in minutes (DESIGN.md, "The embedded
 experiment"):
 
-- A scene is a ``grid x grid`` lattice of cells, one cell per ViT patch by default (64 px, 8 px patches),
-  so every object is aligned with patches and its box lies on a coarse effective grid while the text
-  keeps GeoChat's 0-100 format.
+- A scene is a ``grid x grid`` lattice of cells, one cell per ViT patch when ``grid = image_size /
+  patch_size`` (params.yaml: 64 px, 16 px patches, grid 4), so every object is aligned with patches
+  and its box lies on a coarse effective grid while the text keeps GeoChat's 0-100 format.
 - Eight scene classes with distinct land-cover textures; the class also decides which objects occur
   and how many, so the class is inferable from pixels and counting is not a majority-answer task.
 - Objects (airplane, ship, storage tank, vehicle) have a colour, a size (small = 1 cell, medium =
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from geodistill.data.records import Box, Record, Turn, format_boxes
+from geodistill.data.records import SCENE_PROMPT, VQA_SUFFIX, Box, Record, Turn, format_boxes
 
 SCENES = ("forest", "farmland", "desert", "water", "residential", "industrial", "airport", "harbor")
 URBAN = frozenset({"residential", "industrial", "airport", "harbor"})
@@ -49,8 +49,6 @@ SCENE_OBJECTS: dict[str, dict[str, tuple[int, int]]] = {
     "harbor": {"ship": (1, 3), "storage tank": (0, 2)},
 }
 
-SCENE_PROMPT = "Classify the image in the following classes: {classes}. Answer in one word or a short phrase."
-VQA_SUFFIX = "Answer the question using a single word or phrase."
 QTYPES = ("presence", "comparison", "count", "rural_urban")
 
 

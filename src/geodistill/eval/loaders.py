@@ -11,14 +11,15 @@
 
 Each record is one question: the first human turn is ``<image>\\n`` + the prompt GeoChat's evaluation
 scripts use, the gpt turn the ground-truth answer. ``image`` is relative to the image folder the
-loader was given. Bad input raises a :class:`DataError` naming the file, the record and the field;
-with ``on_error="skip"`` the record is left out and its message is kept in ``LoadResult.skipped``.
+loader was given. Every image is checked when the set is loaded (inside its folder, and decoded whole,
+so a truncated file fails here and not mid-generation), and item ids are unique. Bad input raises a
+:class:`DataError` naming the file, the record and the field; with ``on_error="skip"`` the record is
+left out and its message is kept in ``LoadResult.skipped``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -27,19 +28,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
-from shapely.geometry import MultiPoint, Polygon
 
-from geodistill.data.records import Box, Record, format_boxes, parse_boxes, parse_record
+from geodistill.data.records import (
+    GROUNDING_PROMPT,
+    IDENTIFY_PROMPT,
+    REFER_PROMPT,
+    SCENE_PROMPT,
+    VQA_SUFFIX,
+    ImageChecks,
+    Record,
+    format_boxes,
+    parse_boxes,
+    parse_record,
+)
 from geodistill.errors import DataError
 from geodistill.eval.metrics import object_size
+from geodistill.eval.polygons import parse_polygons, polygon_to_box
 
 OnError = Literal["raise", "skip"]
-
-SCENE_PROMPT = "Classify the image in the following classes: {classes}. Answer in one word or a short phrase."
-VQA_SUFFIX = "Answer the question using a single word or phrase."
-REFER_PROMPT = "[refer] Give me the location of <p> {q} </p>"
-GROUNDING_PROMPT = "[grounding] {q}"
-IDENTIFY_PROMPT = "[identify] What is the object present at {q}"
 
 IMAGE_EXTS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
@@ -72,16 +78,46 @@ class _Errors:
         self.skipped.append(str(e))
 
 
+class CheckedRecords:
+    """The records of one evaluation file: validated by the schema's own checks (boxes, turns, task),
+    their image checked (:class:`ImageChecks`), their id unique; bad ones go to the policy."""
+
+    def __init__(self, source: Path, image_dir: Path, image_field: str, on_error: str) -> None:
+        self.source = source
+        self.images = ImageChecks(image_dir)
+        self.image_field = image_field
+        """The field of the benchmark's own item that names the image (reported with an image problem)."""
+        self.errors = _Errors(on_error)
+        self.records: list[Record] = []
+        self._ids: set[str] = set()
+
+    def add(self, obj: dict[str, Any], source_id: Any = None) -> None:
+        """Validate and keep one record (raises DataError; call inside ``try`` and pass it to skip).
+
+        ``source_id``: the item's id in the benchmark file, when the record's id is built from it.
+        """
+        rec = parse_record(obj, source=str(self.source), index=len(self.records))
+        fail = _where(self.source, rec.id if source_id is None else source_id)
+        why = self.images.problem(rec.image)
+        if why is not None:
+            raise fail(self.image_field, why)
+        if rec.id in self._ids:
+            raise fail("id", "another item of this set has this id; ids must differ")
+        self._ids.add(rec.id)
+        self.records.append(rec)
+
+    def skip(self, e: DataError) -> None:
+        self.errors.handle(e)
+
+    def result(self) -> LoadResult:
+        return LoadResult(self.records, self.errors.skipped)
+
+
 def _where(path: Path | str, rid: Any) -> Callable[[str, str], DataError]:
     def fail(fld: str, msg: str) -> DataError:
         return DataError(f"{path}: record {rid!r}, field '{fld}': {msg}")
 
     return fail
-
-
-def _record(obj: dict[str, Any], source: Path, index: int) -> Record:
-    """Validate the record we built with the schema's own checks (boxes, turns, task)."""
-    return parse_record(obj, source=str(source), index=index)
 
 
 def _conversation(prompt: str, answer: str) -> list[dict[str, str]]:
@@ -101,25 +137,8 @@ def readable_class(folder: str) -> str:
     return s.strip().lower()
 
 
-def load_scene_folder(
-    root: str | Path,
-    *,
-    dataset: str | None = None,
-    extensions: Collection[str] = IMAGE_EXTS,
-    on_error: OnError = "raise",
-) -> LoadResult:
-    """Scene-classification records from ``root/<class folder>/<image>`` (UCMerced, AID).
-
-    The class list (sorted by class name) is in every prompt and in ``meta["classes"]``; the label in
-    ``meta["label"]`` and the gpt answer. Files with other extensions (and hidden files) are ignored; a
-    class folder without images is a DataError (or a skip).
-    """
-    root = Path(root)
-    errors = _Errors(on_error)
-    if not root.is_dir():
-        raise DataError(f"{root}: scene dataset folder not found")
-    name = dataset or root.name
-    exts = {e.lower() for e in extensions}
+def _class_images(root: Path, exts: set[str], errors: _Errors) -> dict[str, list[Path]]:
+    """Image files per class folder, folders sorted by class name (an empty folder goes to the policy)."""
     # Sorted by class name, not folder name: "Dense_Residential" must not sort before "airplane".
     folders = sorted(
         (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -138,28 +157,50 @@ def load_scene_folder(
         images[d.name] = files
     if not images:
         raise DataError(f"{root}: no class folder with images; expected {root}/<class>/<image>")
+    return images
+
+
+def load_scene_folder(
+    root: str | Path,
+    *,
+    dataset: str | None = None,
+    extensions: Collection[str] = IMAGE_EXTS,
+    on_error: OnError = "raise",
+) -> LoadResult:
+    """Scene-classification records from ``root/<class folder>/<image>`` (UCMerced, AID).
+
+    The class list (sorted by class name) is in every prompt and in ``meta["classes"]``; the label in
+    ``meta["label"]`` and the gpt answer. An item's id is ``<dataset>/<class folder>/<file name>``
+    (the file name with its extension: ``x.png`` and ``x.tif`` are two items). Files with other
+    extensions (and hidden files) are ignored; a class folder without images is a DataError (or a skip).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: scene dataset folder not found")
+    out = CheckedRecords(root, root, "image", on_error)
+    name = dataset or root.name
+    images = _class_images(root, {e.lower() for e in extensions}, out.errors)
     classes = [readable_class(c) for c in images]
     dupes = {c for c in classes if classes.count(c) > 1}
     if dupes:
         raise DataError(f"{root}: class folders {sorted(dupes)} give the same class name")
     prompt = SCENE_PROMPT.format(classes=", ".join(classes))
-    records = []
     for folder, label in zip(images, classes, strict=True):
         for f in images[folder]:
-            image_id = f"{folder}/{f.stem}"
+            image = f"{folder}/{f.name}"
             obj = {
-                "id": f"{name}/{image_id}",
-                "image": f"{folder}/{f.name}",
-                "image_id": image_id,
+                "id": f"{name}/{image}",
+                "image": image,
+                "image_id": image,
                 "task": "scene",
                 "conversations": _conversation(prompt, label),
                 "meta": {"label": label, "classes": classes, "dataset": name},
             }
             try:
-                records.append(_record(obj, root, len(records)))
+                out.add(obj)
             except DataError as e:
-                errors.handle(e)
-    return LoadResult(records, errors.skipped)
+                out.skip(e)
+    return out.result()
 
 
 # --------------------------------------------------------------------------------------------- RSVQA
@@ -198,6 +239,92 @@ def _by_id(path: Path, items: list[Any], errors: _Errors) -> dict[Any, dict[str,
     return out
 
 
+@dataclass(frozen=True)
+class _Rsvqa:
+    """One RSVQA split: its three files read, and the image folder's listing."""
+
+    questions_file: Path
+    answers_file: Path
+    images_file: Path
+    questions: list[Any]
+    answers: dict[Any, dict[str, Any]]
+    images: dict[Any, dict[str, Any]]
+    image_dir: Path
+    present: set[str]
+    """File names in ``image_dir`` (one listing instead of a stat per question)."""
+    extensions: Sequence[str]
+
+
+def _read_rsvqa(
+    questions: Path, answers: Path, images: Path, image_dir: Path, extensions: Sequence[str], errors: _Errors
+) -> _Rsvqa:
+    qs = _load_json_list(questions, "questions")
+    ans = _by_id(answers, _load_json_list(answers, "answers"), errors)
+    imgs = _by_id(images, _load_json_list(images, "images"), errors)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: RSVQA image folder not found")
+    present = set(os.listdir(image_dir))
+    return _Rsvqa(questions, answers, images, qs, ans, imgs, image_dir, present, extensions)
+
+
+def _rsvqa_answers(s: _Rsvqa, q: dict[str, Any], fail: Callable[[str, str], DataError]) -> list[str]:
+    """The active, non-empty answer texts of question ``q``."""
+    aids = q.get("answers_ids")
+    if not isinstance(aids, list) or not aids or not all(_is_key(a) for a in aids):
+        raise fail("answers_ids", f"expected a non-empty list of answer ids, got {aids!r:.80}")
+    missing = [a for a in aids if a not in s.answers]
+    if missing:
+        raise fail("answers_ids", f"answer ids {missing[:5]} are not in {s.answers_file}")
+    texts = [str(s.answers[a].get("answer", "")).strip() for a in aids if s.answers[a].get("active", True)]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise fail("answers_ids", f"no active, non-empty answer in {s.answers_file}")
+    return texts
+
+
+def _rsvqa_image(s: _Rsvqa, img_id: Any, fail: Callable[[str, str], DataError]) -> str:
+    """The file name of image ``img_id``: ``{img_id}{ext}`` for the first extension that exists."""
+    fname = next((f"{img_id}{e}" for e in s.extensions if f"{img_id}{e}" in s.present), None)
+    if fname is None:
+        raise fail("img_id", f"no image {img_id}{{{','.join(s.extensions)}}} in {s.image_dir}")
+    return fname
+
+
+def _rsvqa_record(s: _Rsvqa, q: Any, i: int, wanted: set[str] | None) -> dict[str, Any] | None:
+    """The record of question #i, or None when the dataset's own selection (or ``wanted``) leaves it out."""
+    rid = q.get("id", f"#{i}") if isinstance(q, dict) else f"#{i}"
+    fail = _where(s.questions_file, rid)
+    if not isinstance(q, dict):
+        raise fail("<record>", f"expected an object, got {type(q).__name__}")
+    qtype = q.get("type")
+    if not q.get("active", True):
+        return None
+    if not isinstance(qtype, str) or not qtype:
+        raise fail("type", "missing question type")
+    if wanted is not None and qtype not in wanted:
+        return None
+    if not _is_key(q.get("img_id")):
+        raise fail("img_id", f"missing or not an id: {q.get('img_id')!r}")
+    img = s.images.get(q["img_id"])
+    if img is None:
+        raise fail("img_id", f"{q.get('img_id')!r} is not an image of {s.images_file}")
+    if not img.get("active", True):
+        return None
+    text = q.get("question")
+    if not isinstance(text, str) or not text.strip():
+        raise fail("question", "missing or empty question text")
+    answers = _rsvqa_answers(s, q, fail)
+    stem = s.questions_file.name.removesuffix(".json").removesuffix("_questions")
+    return {
+        "id": f"{stem}/{rid}",
+        "image": _rsvqa_image(s, q["img_id"], fail),
+        "image_id": str(q["img_id"]),
+        "task": "vqa",
+        "conversations": _conversation(f"{text.strip()} {VQA_SUFFIX}", answers[0]),
+        "meta": {"qtype": qtype, "answers": answers, "question": text, "dataset": stem},
+    }
+
+
 def load_rsvqa(
     questions: str | Path,
     answers: str | Path,
@@ -215,65 +342,18 @@ def load_rsvqa(
     rural_urban, area); None keeps all. The image is ``{img_id}{ext}`` for the first of
     ``extensions`` that exists.
     """
-    qpath, apath, ipath, image_dir = Path(questions), Path(answers), Path(images), Path(image_dir)
-    errors = _Errors(on_error)
-    qs = _load_json_list(qpath, "questions")
-    ans = _by_id(apath, _load_json_list(apath, "answers"), errors)
-    imgs = _by_id(ipath, _load_json_list(ipath, "images"), errors)
-    if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: RSVQA image folder not found")
-    present = set(os.listdir(image_dir))  # one listing instead of a stat per question
+    qpath, image_dir = Path(questions), Path(image_dir)
+    out = CheckedRecords(qpath, image_dir, "img_id", on_error)
+    s = _read_rsvqa(qpath, Path(answers), Path(images), image_dir, extensions, out.errors)
     wanted = None if qtypes is None else set(qtypes)
-    stem = qpath.name.removesuffix(".json").removesuffix("_questions")
-    records: list[Record] = []
-    for i, q in enumerate(qs):
+    for i, q in enumerate(s.questions):
         try:
-            rid = q.get("id", f"#{i}") if isinstance(q, dict) else f"#{i}"
-            fail = _where(qpath, rid)
-            if not isinstance(q, dict):
-                raise fail("<record>", f"expected an object, got {type(q).__name__}")
-            if not q.get("active", True):
-                continue
-            qtype = q.get("type")
-            if not isinstance(qtype, str) or not qtype:
-                raise fail("type", "missing question type")
-            if wanted is not None and qtype not in wanted:
-                continue
-            if not _is_key(q.get("img_id")):
-                raise fail("img_id", f"missing or not an id: {q.get('img_id')!r}")
-            img = imgs.get(q["img_id"])
-            if img is None:
-                raise fail("img_id", f"{q.get('img_id')!r} is not an image of {ipath}")
-            if not img.get("active", True):
-                continue
-            text = q.get("question")
-            if not isinstance(text, str) or not text.strip():
-                raise fail("question", "missing or empty question text")
-            aids = q.get("answers_ids")
-            if not isinstance(aids, list) or not aids or not all(_is_key(a) for a in aids):
-                raise fail("answers_ids", f"expected a non-empty list of answer ids, got {aids!r:.80}")
-            missing = [a for a in aids if a not in ans]
-            if missing:
-                raise fail("answers_ids", f"answer ids {missing[:5]} are not in {apath}")
-            texts = [str(ans[a].get("answer", "")).strip() for a in aids if ans[a].get("active", True)]
-            texts = [t for t in texts if t]
-            if not texts:
-                raise fail("answers_ids", f"no active, non-empty answer in {apath}")
-            fname = next((f"{q['img_id']}{e}" for e in extensions if f"{q['img_id']}{e}" in present), None)
-            if fname is None:
-                raise fail("img_id", f"no image {q['img_id']}{{{','.join(extensions)}}} in {image_dir}")
-            obj = {
-                "id": f"{stem}/{rid}",
-                "image": fname,
-                "image_id": str(q["img_id"]),
-                "task": "vqa",
-                "conversations": _conversation(f"{text.strip()} {VQA_SUFFIX}", texts[0]),
-                "meta": {"qtype": qtype, "answers": texts, "question": text, "dataset": stem},
-            }
-            records.append(_record(obj, qpath, i))
+            obj = _rsvqa_record(s, q, i, wanted)
+            if obj is not None:
+                out.add(obj, source_id=q["id"])
         except DataError as e:
-            errors.handle(e)
-    return LoadResult(records, errors.skipped)
+            out.skip(e)
+    return out.result()
 
 
 # ------------------------------------------------------------------------------ GeoChat-Bench (JSON(L))
@@ -316,109 +396,77 @@ def _image_file(image_dir: Path, image_id: str) -> str | None:
     return None
 
 
-def _image_size(path: Path, sizes: dict[str, tuple[int, int] | str]) -> tuple[int, int] | str:
-    """(width, height) from the file header (cached per image), or why the image cannot be read."""
-    key = str(path)
-    if key not in sizes:
-        try:
-            with Image.open(path) as im:
-                sizes[key] = im.size
-        except Exception as e:  # PIL raises many types for corrupt files; all mean "unreadable"
-            sizes[key] = f"image file {path} is unreadable ({type(e).__name__}: {e})"
-    return sizes[key]
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def parse_polygons(gt: Any) -> list[list[tuple[float, float]]]:
-    """Ground-truth polygons in pixels, from the shapes GeoChat-Bench uses.
-
-    Accepted: one polygon ``[[x, y] x 4]`` or ``[x1, y1, ..., x4, y4]``, an axis-aligned
-    ``[x1, y1, x2, y2]``, a list of any of these, or the same as a JSON string. Raises ValueError.
-    """
-    if isinstance(gt, str):
-        try:
-            gt = json.loads(gt)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"a string that is not JSON ({e.msg})") from e
-
-    def one(p: Any) -> list[tuple[float, float]] | None:
-        if isinstance(p, list | tuple):
-            if len(p) == 4 and all(isinstance(q, list | tuple) and len(q) == 2 for q in p):
-                if all(_is_number(v) for q in p for v in q):
-                    return [(float(q[0]), float(q[1])) for q in p]
-                raise ValueError(f"corner coordinates must be finite numbers: {p!r}")
-            if len(p) == 8 and all(_is_number(v) for v in p):
-                return [(float(p[k]), float(p[k + 1])) for k in range(0, 8, 2)]
-            if len(p) == 4 and all(_is_number(v) for v in p):
-                x1, y1, x2, y2 = (float(v) for v in p)
-                return [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
-        return None
-
-    single = one(gt)
-    if single is not None:
-        return [single]
-    if isinstance(gt, list | tuple) and gt:
-        polys = [one(p) for p in gt]
-        bad = [k for k, p in enumerate(polys) if p is None]
-        if not bad:
-            return polys  # type: ignore[return-value]
-        raise ValueError(
-            f"item {bad[0]} ({gt[bad[0]]!r:.80}) is not a polygon [[x, y] x 4], [x1, y1, ..., x4, y4] "
-            "or [x1, y1, x2, y2]"
-        )
-    raise ValueError(f"expected a polygon or a non-empty list of polygons, got {gt!r:.80}")
-
-
-def polygon_to_box(points: Sequence[tuple[float, float]], width: float, height: float) -> Box:
-    """The rotated grid box of a pixel quadrilateral (its minimum-area rectangle), on GeoChat's integer
-    0-100 grid.
-
-    Angle convention (as :meth:`Box.polygon`): ``(x1, y1, x2, y2)`` is the box before rotation, turned
-    about its centre by theta degrees clockwise on screen (image y down), theta in [0, 90) as in
-    GeoChat's data. The rectangle is rotated in pixel space, so on a non-square image the grid box is
-    scaled per axis before rotation. Where the unrotated box would leave the grid (a long, thin, tilted
-    object at the border) the equivalent form with theta - 90 is tried, then the box is clipped; exact
-    IoU uses the original polygon, kept in ``meta["polygons"]``.
-    """
-    rect = MultiPoint(points).minimum_rotated_rectangle
-    if not isinstance(rect, Polygon) or rect.area <= 0:
-        raise ValueError(f"degenerate polygon {list(points)!r} (no area)")
-    c = list(rect.exterior.coords)[:4]
-    (x0, y0), (x1, y1), (x2, y2) = c[0], c[1], c[2]
-    w, h = math.hypot(x1 - x0, y1 - y0), math.hypot(x2 - x1, y2 - y1)
-    # Direction of the box's "width" edge, on GeoChat's integer-degree grid, then folded into [0, 90):
-    # a quarter turn swaps which side is the width.
-    theta = round(math.degrees(math.atan2(y1 - y0, x1 - x0)))
-    turns = theta // 90
-    theta -= 90 * turns
-    if turns % 2:
-        w, h = h, w
-    cx, cy = rect.centroid.x, rect.centroid.y
-    sx, sy = 100.0 / width, 100.0 / height
-
-    def grid(bw: float, bh: float) -> list[float]:
-        xy = [(cx - bw / 2) * sx, (cy - bh / 2) * sy, (cx + bw / 2) * sx, (cy + bh / 2) * sy]
-        return [float(round(v)) for v in xy]
-
-    def overflow(o: tuple[float, float, int]) -> float:
-        return sum(max(0.0, -v, v - 100.0) for v in grid(o[0], o[1]))
-
-    best = min([(w, h, theta), (h, w, theta - 90)], key=overflow)  # min keeps the first on a tie
-    gx1, gy1, gx2, gy2 = grid(best[0], best[1])
-    t = best[2]
-    gx1, gy1 = min(max(gx1, 0.0), 99.0), min(max(gy1, 0.0), 99.0)
-    gx2, gy2 = max(min(gx2, 100.0), gx1 + 1.0), max(min(gy2, 100.0), gy1 + 1.0)  # at least one grid cell
-    return Box(gx1, gy1, gx2, gy2, None if t == 0 else float(t))
-
-
 def _field_str(obj: Mapping[str, Any], fld: str, fail: Callable[[str, str], DataError]) -> str:
     v = obj.get(fld)
     if not isinstance(v, str | int) or not str(v).strip():
         raise fail(fld, "missing or empty")
     return str(v).strip()
+
+
+@dataclass(frozen=True)
+class _BenchItem:
+    """The fields every GeoChat-Bench item has, checked."""
+
+    qid: str
+    image_id: str
+    image: str
+    """The image's file name in the image folder (checked: inside it and readable)."""
+    question: str
+    fail: Callable[[str, str], DataError]
+
+
+def _bench_item(obj: Any, where: str, path: Path, out: CheckedRecords) -> _BenchItem:
+    rid = obj.get("question_id", where) if isinstance(obj, dict) else where
+    fail = _where(path, rid)
+    if not isinstance(obj, dict):
+        raise fail("<record>", f"expected a JSON object, got {type(obj).__name__}")
+    qid = _field_str(obj, "question_id", fail)
+    image_id = _field_str(obj, "image_id", fail)
+    q = obj.get("question", obj.get("text"))
+    if not isinstance(q, str) or not q.strip():
+        raise fail("question", "missing or empty (neither 'question' nor 'text' holds it)")
+    image = _image_file(out.images.root, image_id)
+    if image is None:
+        raise fail("image_id", f"no image {image_id}.png in {out.images.root}")
+    why = out.images.problem(image)
+    if why is not None:
+        raise fail("image_id", why)
+    return _BenchItem(qid, image_id, image, q.strip(), fail)
+
+
+def _referring_record(obj: dict[str, Any], it: _BenchItem, image_dir: Path) -> dict[str, Any]:
+    with Image.open(image_dir / it.image) as im:  # header only: the image was decoded when checked
+        w, h = im.size
+    try:
+        polys = parse_polygons(obj.get("ground_truth"))
+        boxes = [polygon_to_box(p, w, h) for p in polys]
+    except ValueError as e:
+        raise it.fail("ground_truth", str(e)) from None
+    kind = str(obj.get("type", "ref")).strip().lower()
+    if any(tok in it.question for tok in ("[refer]", "[grounding]")):
+        prompt = it.question  # already a GeoChat prompt
+    else:
+        prompt = (REFER_PROMPT if kind == "ref" else GROUNDING_PROMPT).format(q=it.question)
+    group = obj.get("size_group")
+    return {
+        "id": it.qid,
+        "image": it.image,
+        "image_id": it.image_id,
+        "task": "referring",
+        "conversations": _conversation(prompt, format_boxes(boxes)),
+        "meta": {
+            "boxes": [b.to_text() for b in boxes],
+            "polygons": [[list(pt) for pt in p] for p in polys],
+            "width": w,
+            "height": h,
+            "size": str(group).strip().lower() if group else object_size(polys, w, h),
+            "multi": len(polys) > 1,
+            "type": kind,
+            "obj_ids": obj.get("obj_ids"),
+            "dataset": obj.get("dataset"),
+            "question": it.question,
+        },
+    }
 
 
 def load_geochat_referring(
@@ -427,71 +475,45 @@ def load_geochat_referring(
     """Referring / grounding records from GeoChat-Bench's JSONL (``referring.jsonl``).
 
     Fields used: ``question_id``, ``image_id`` (the image is ``{image_id}.png``), ``question`` (or
-    ``text``), ``ground_truth`` (pixel polygons, see :func:`parse_polygons`), ``type`` ('ref' gets
-    GeoChat's ``[refer]`` prompt, anything else ``[grounding]``), optional ``size_group``, ``obj_ids``,
-    ``dataset``. The image size comes from the image file (GeoChat-Bench mixes 600, 800 and 1024 px
-    sources). The gpt answer is the boxes in GeoChat's text form (:func:`polygon_to_box`); ``meta``
+    ``text``), ``ground_truth`` (pixel polygons, see :func:`~geodistill.eval.polygons.parse_polygons`),
+    ``type`` ('ref' gets GeoChat's ``[refer]`` prompt, anything else ``[grounding]``), optional
+    ``size_group``, ``obj_ids``, ``dataset``. The image size comes from the image file (GeoChat-Bench
+    mixes 600, 800 and 1024 px sources). The gpt answer is the boxes in GeoChat's text form
+    (:func:`~geodistill.eval.polygons.polygon_to_box`); ``meta``
     keeps the exact polygons.
     """
     path, image_dir = Path(path), Path(image_dir)
-    errors = _Errors(on_error)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: GeoChat-Bench image folder not found")
-    sizes: dict[str, tuple[int, int] | str] = {}
-    records: list[Record] = []
-    for where, obj in _read_json_objects(path, errors):
-        rid = obj.get("question_id", where) if isinstance(obj, dict) else where
-        fail = _where(path, rid)
+    out = CheckedRecords(path, image_dir, "image_id", on_error)
+    for where, obj in _read_json_objects(path, out.errors):
         try:
-            if not isinstance(obj, dict):
-                raise fail("<record>", f"expected a JSON object, got {type(obj).__name__}")
-            qid = _field_str(obj, "question_id", fail)
-            image_id = _field_str(obj, "image_id", fail)
-            q = obj.get("question", obj.get("text"))
-            if not isinstance(q, str) or not q.strip():
-                raise fail("question", "missing or empty (neither 'question' nor 'text' holds the phrase)")
-            kind = str(obj.get("type", "ref")).strip().lower()
-            fname = _image_file(image_dir, image_id)
-            if fname is None:
-                raise fail("image_id", f"no image {image_id}.png in {image_dir}")
-            size = _image_size(image_dir / fname, sizes)
-            if isinstance(size, str):
-                raise fail("image_id", size)
-            w, h = size
-            try:
-                polys = parse_polygons(obj.get("ground_truth"))
-                boxes = [polygon_to_box(p, w, h) for p in polys]
-            except ValueError as e:
-                raise fail("ground_truth", str(e)) from None
-            q = q.strip()
-            if any(tok in q for tok in ("[refer]", "[grounding]")):
-                prompt = q  # already a GeoChat prompt
-            else:
-                prompt = (REFER_PROMPT if kind == "ref" else GROUNDING_PROMPT).format(q=q)
-            group = obj.get("size_group")
-            rec = {
-                "id": qid,
-                "image": fname,
-                "image_id": image_id,
-                "task": "referring",
-                "conversations": _conversation(prompt, format_boxes(boxes)),
-                "meta": {
-                    "boxes": [b.to_text() for b in boxes],
-                    "polygons": [[list(pt) for pt in p] for p in polys],
-                    "width": w,
-                    "height": h,
-                    "size": str(group).strip().lower() if group else object_size(polys, w, h),
-                    "multi": len(polys) > 1,
-                    "type": kind,
-                    "obj_ids": obj.get("obj_ids"),
-                    "dataset": obj.get("dataset"),
-                    "question": q,
-                },
-            }
-            records.append(_record(rec, path, len(records)))
+            out.add(_referring_record(obj, _bench_item(obj, where, path, out), image_dir))
         except DataError as e:
-            errors.handle(e)
-    return LoadResult(records, errors.skipped)
+            out.skip(e)
+    return out.result()
+
+
+def _region_caption_record(obj: dict[str, Any], it: _BenchItem) -> dict[str, Any]:
+    boxes = parse_boxes(it.question)
+    if not boxes:
+        raise it.fail("question", f"no region box {{<x1><y1><x2><y2>|<theta>}} in {it.question!r:.80}")
+    gt = obj.get("ground_truth")
+    refs = [gt] if isinstance(gt, str) else gt
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise it.fail("ground_truth", f"expected a caption or a list of captions, got {gt!r:.80}")
+    refs = [r.strip() for r in refs if r.strip()]
+    if not refs:
+        raise it.fail("ground_truth", "empty caption")
+    prompt = it.question if "[identify]" in it.question else IDENTIFY_PROMPT.format(q=it.question)
+    return {
+        "id": it.qid,
+        "image": it.image,
+        "image_id": it.image_id,
+        "task": "region_caption",
+        "conversations": _conversation(prompt, refs[0]),
+        "meta": {"refs": refs, "boxes": [b.to_text() for b in boxes], "dataset": obj.get("dataset")},
+    }
 
 
 def load_geochat_region_captions(
@@ -501,45 +523,12 @@ def load_geochat_region_captions(
     (the region as a grid box ``{<x1><y1><x2><y2>|<theta>}``, optionally already behind ``[identify]``)
     and ``ground_truth`` (a caption or a list of captions, kept in ``meta["refs"]``)."""
     path, image_dir = Path(path), Path(image_dir)
-    errors = _Errors(on_error)
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: GeoChat-Bench image folder not found")
-    records: list[Record] = []
-    for where, obj in _read_json_objects(path, errors):
-        rid = obj.get("question_id", where) if isinstance(obj, dict) else where
-        fail = _where(path, rid)
+    out = CheckedRecords(path, image_dir, "image_id", on_error)
+    for where, obj in _read_json_objects(path, out.errors):
         try:
-            if not isinstance(obj, dict):
-                raise fail("<record>", f"expected a JSON object, got {type(obj).__name__}")
-            qid = _field_str(obj, "question_id", fail)
-            image_id = _field_str(obj, "image_id", fail)
-            q = obj.get("question", obj.get("text"))
-            if not isinstance(q, str) or not q.strip():
-                raise fail("question", "missing or empty")
-            q = q.strip()
-            boxes = parse_boxes(q)
-            if not boxes:
-                raise fail("question", f"no region box {{<x1><y1><x2><y2>|<theta>}} in {q!r:.80}")
-            gt = obj.get("ground_truth")
-            refs = [gt] if isinstance(gt, str) else gt
-            if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-                raise fail("ground_truth", f"expected a caption or a list of captions, got {gt!r:.80}")
-            refs = [r.strip() for r in refs if r.strip()]
-            if not refs:
-                raise fail("ground_truth", "empty caption")
-            fname = _image_file(image_dir, image_id)
-            if fname is None:
-                raise fail("image_id", f"no image {image_id}.png in {image_dir}")
-            prompt = q if "[identify]" in q else IDENTIFY_PROMPT.format(q=q)
-            rec = {
-                "id": qid,
-                "image": fname,
-                "image_id": image_id,
-                "task": "region_caption",
-                "conversations": _conversation(prompt, refs[0]),
-                "meta": {"refs": refs, "boxes": [b.to_text() for b in boxes], "dataset": obj.get("dataset")},
-            }
-            records.append(_record(rec, path, len(records)))
+            out.add(_region_caption_record(obj, _bench_item(obj, where, path, out)))
         except DataError as e:
-            errors.handle(e)
-    return LoadResult(records, errors.skipped)
+            out.skip(e)
+    return out.result()

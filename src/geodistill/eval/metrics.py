@@ -3,9 +3,10 @@
 - scene classification (UCMerced, AID), :func:`classification_metrics`: OA, AA, per-class accuracy,
   confusion matrix;
 - VQA (RSVQA-LR/HR), :func:`vqa_metrics`: accuracy per question type, mOA (mean over types), OA;
-- referring / grounding (GeoChat-Bench), :func:`grounding_metrics`: acc@0.5 and acc@0.25, overall and by
-  object size, single/multi object and question type;
-- region captioning (GeoChat-Bench), :func:`caption_metrics`: ROUGE-1, ROUGE-L (F), METEOR 1.5 (Java).
+- referring (GeoChat-Bench referring and grounding questions), :func:`referring_metrics`: acc@0.5 and
+  acc@0.25, overall and by object size, single/multi object and question type;
+- region captions (GeoChat-Bench), :func:`caption_metrics`: ROUGE-1, ROUGE-L (F), METEOR 1.5 (Java,
+  :mod:`geodistill.eval.meteor`).
 
 Every score is a fraction in [0, 1] (the paper prints percentages); a score over zero items is None.
 Model outputs are never trusted: an empty or unparseable output counts as wrong and is counted, and no
@@ -14,20 +15,16 @@ function here raises on garbage text. Ground truth that is malformed raises :cla
 
 from __future__ import annotations
 
-import contextlib
-import math
 import re
-import shutil
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from shapely.geometry import Polygon
 
 from geodistill.data.records import Box, parse_boxes
-from geodistill.errors import DataError, GeodistillError
+from geodistill.errors import DataError
+from geodistill.eval.meteor import MeteorScorer
 
 # ----------------------------------------------------------------------------------- answer normalisation
 
@@ -151,48 +148,6 @@ def classification_metrics(preds: Sequence[str], labels: Sequence[str], classes:
     }
 
 
-def plot_confusion_matrix(
-    cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path, *, title: str | None = None
-) -> Path:
-    """Write a row-normalised confusion matrix (counts printed when it is small enough to read) as PNG.
-
-    ``cm`` is :func:`classification_metrics`'s ``"confusion"`` (with or without the :data:`OTHER`
-    column). Uses matplotlib's Agg canvas directly, never pyplot, so no global backend is touched.
-    """
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(cm, dtype=float)
-    shape_ok = counts.ndim == 2 and counts.shape[0] == len(classes)
-    if not (shape_ok and counts.shape[1] in (len(classes), len(classes) + 1)):
-        raise ValueError(f"confusion matrix of shape {counts.shape} does not fit {len(classes)} classes")
-    cols = list(classes) + ([OTHER] if counts.shape[1] > len(classes) else [])
-    rows = counts.sum(axis=1, keepdims=True)
-    frac = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    side = max(4.0, 0.45 * len(cols) + 2.0)
-    fig = Figure(figsize=(side + 1.0, side))
-    ax = fig.add_subplot()
-    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(classes)), list(classes), fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
-    if len(cols) <= 30:  # beyond that the numbers are unreadable anyway
-        for i in range(counts.shape[0]):
-            for j in range(counts.shape[1]):
-                if counts[i, j]:
-                    colour = "white" if frac[i, j] > 0.5 else "black"
-                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7, color=colour)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=120)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- VQA
 
 _YES_NO = ("yes", "no")
@@ -236,7 +191,7 @@ def vqa_metrics(preds: Sequence[str], answers: Sequence[str], qtypes: Sequence[s
     }
 
 
-# ------------------------------------------------------------------------------------------- grounding
+# ------------------------------------------------------------------------------------------- referring
 
 #: Object size from the mean ground-truth box area as a fraction of the image area: COCO's 32^2 and
 #: 96^2 pixel limits on a ~550 x 550 image (GeoChat-Bench images are 600-1024 px), i.e. small below
@@ -267,39 +222,34 @@ def _shape(points: Points) -> Polygon:
     return hull if isinstance(hull, Polygon) else Polygon()
 
 
-def _iou(a: Polygon, b: Polygon) -> float:
-    if a.is_empty or b.is_empty:
-        return 0.0
-    inter = a.intersection(b).area
-    union = a.area + b.area - inter
-    return inter / union if union > 0 else 0.0
+def iou_matrix(pred: Sequence[Points], gt: Sequence[Points]) -> list[list[float]]:
+    """IoU of every predicted with every ground-truth quadrilateral (pixel corners, rotated boxes
+    included), ``[pred][gt]``; 0 where either shape is empty."""
+    gt_shapes = [_shape(g) for g in gt]
+    out = []
+    for p in pred:
+        a = _shape(p)
+        row = []
+        for b in gt_shapes:
+            inter = 0.0 if a.is_empty or b.is_empty else a.intersection(b).area
+            union = a.area + b.area - inter
+            row.append(inter / union if union > 0 else 0.0)
+        out.append(row)
+    return out
 
 
-def polygon_iou(a: Points, b: Points) -> float:
-    """IoU of two convex quadrilaterals given as pixel corners; 0 for empty shapes."""
-    return _iou(_shape(a), _shape(b))
+def match_count(ious: Sequence[Sequence[float]], threshold: float) -> int:
+    """How many ground-truth boxes are matched at IoU >= ``threshold``, one-to-one.
 
-
-def rotated_iou(a: Box, b: Box, width: float, height: float) -> float:
-    """IoU of two (rotated) grid boxes, measured in the pixels of a ``width`` x ``height`` image.
-
-    The image size matters for rotated boxes on non-square images: the 0-100 grid scales x and y
-    differently and the rotation happens in pixel space (:meth:`Box.polygon`).
+    Greedy by descending IoU (ties: gt order, then prediction order), as GeoChat's evaluation does: a
+    predicted box matches at most one gt box, so repeating one correct box does not score several.
     """
-    if not (width > 0 and height > 0):
-        raise ValueError(f"image size must be positive, got {width} x {height}")
-    return polygon_iou(a.polygon(width, height), b.polygon(width, height))
-
-
-def _match(pred: Sequence[Polygon], gt: Sequence[Polygon], threshold: float) -> int:
-    """Greedy one-to-one matching by descending IoU; returns the number of matched gt boxes."""
-    pairs = []
-    for i, p in enumerate(pred):
-        for j, g in enumerate(gt):
-            iou = _iou(p, g)
-            if iou >= threshold and iou > 0:
-                pairs.append((-iou, j, i))  # sort key: best IoU first, then gt order, then pred order
-    pairs.sort()
+    pairs = sorted(
+        (-iou, j, i)
+        for i, row in enumerate(ious)
+        for j, iou in enumerate(row)
+        if iou >= threshold and iou > 0
+    )
     used_pred: set[int] = set()
     used_gt: set[int] = set()
     for _, j, i in pairs:
@@ -309,24 +259,9 @@ def _match(pred: Sequence[Polygon], gt: Sequence[Polygon], threshold: float) -> 
     return len(used_gt)
 
 
-def match_boxes(pred: Sequence[Box], gt: Sequence[Box], width: float, height: float, threshold: float) -> int:
-    """How many gt boxes a prediction matches with IoU >= ``threshold``, one-to-one.
-
-    Greedy by descending IoU, as GeoChat's evaluation does: a predicted box matches at most one gt box,
-    so repeating one correct box does not score several objects.
-    """
-    if not (width > 0 and height > 0):
-        raise ValueError(f"image size must be positive, got {width} x {height}")
-    return _match(
-        [_shape(b.polygon(width, height)) for b in pred],
-        [_shape(b.polygon(width, height)) for b in gt],
-        threshold,
-    )
-
-
 @dataclass(frozen=True)
-class GroundingItem:
-    """One referring/grounding question: the generated text and the ground truth."""
+class ReferringItem:
+    """One referring question: the generated text and the ground truth."""
 
     text: str
     """The model's output; boxes are parsed from it with :func:`parse_boxes`."""
@@ -345,7 +280,7 @@ class GroundingItem:
     """Question type to report under (GeoChat-Bench 'ref' / 'grounding'); None: not reported."""
 
     @classmethod
-    def from_meta(cls, text: str, meta: Mapping[str, Any]) -> GroundingItem:
+    def from_meta(cls, text: str, meta: Mapping[str, Any]) -> ReferringItem:
         """From a referring record's ``meta`` (as the loaders and the synthetic benchmark write it)."""
         try:
             gt = tuple(b for s in meta["boxes"] for b in parse_boxes(s))
@@ -363,8 +298,15 @@ class GroundingItem:
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"referring meta {dict(meta)!r}: {type(e).__name__}: {e}") from e
 
+    def gt_points(self) -> list[Points]:
+        if not (self.width > 0 and self.height > 0):
+            raise DataError(f"referring item with image size {self.width} x {self.height}: must be positive")
+        if self.gt_polygons is not None:
+            return list(self.gt_polygons)
+        return [b.polygon(self.width, self.height) for b in self.gt]
 
-def _grounding_summary(rows: list[tuple[int, int, int, list[int]]], thresholds: Sequence[float]) -> dict:
+
+def _referring_summary(rows: list[tuple[int, int, int, list[int]]], thresholds: Sequence[float]) -> dict:
     """rows: (n_gt, n_pred, unparsed, matched per threshold) of each item in the group."""
     n_gt = sum(r[0] for r in rows)
     n_pred = sum(r[1] for r in rows)
@@ -377,8 +319,8 @@ def _grounding_summary(rows: list[tuple[int, int, int, list[int]]], thresholds: 
     return out
 
 
-def grounding_metrics(items: Iterable[GroundingItem], thresholds: Sequence[float] = (0.5, 0.25)) -> dict:
-    """acc@t = matched gt boxes / all gt boxes (:func:`match_boxes`), overall and broken down.
+def referring_metrics(items: Iterable[ReferringItem], thresholds: Sequence[float] = (0.5, 0.25)) -> dict:
+    """acc@t = matched gt boxes / all gt boxes (:func:`match_count`), overall and broken down.
 
     Returns ``{"acc@0.5", "acc@0.25", "precision@0.5", "precision@0.25", "n_items", "n_gt", "n_pred",
     "unparsed", "by_size": {label: {...}}, "by_objects": {"single"|"multi": {...}}, "by_type": {...},
@@ -388,169 +330,28 @@ def grounding_metrics(items: Iterable[GroundingItem], thresholds: Sequence[float
     rows: list[tuple[int, int, int, list[int]]] = []
     groups: dict[str, dict[str, list[int]]] = {"by_size": {}, "by_objects": {}, "by_type": {}}
     for item in items:
-        w, h = item.width, item.height
-        if not (w > 0 and h > 0):
-            raise DataError(f"grounding item with image size {w} x {h}: the size must be positive")
-        gt_points = item.gt_polygons if item.gt_polygons is not None else [b.polygon(w, h) for b in item.gt]
-        gt = [_shape(p) for p in gt_points]
+        gt = item.gt_points()
         pred_boxes = parse_boxes(item.text) if isinstance(item.text, str) else []
-        pred = [_shape(b.polygon(w, h)) for b in pred_boxes]
-        matched = [_match(pred, gt, t) for t in thresholds]
+        ious = iou_matrix([b.polygon(item.width, item.height) for b in pred_boxes], gt)
         i = len(rows)
-        rows.append((len(gt), len(pred), int(not pred_boxes), matched))
-        size = item.size or (object_size(gt_points, w, h) if gt_points else "none")
+        matched = [match_count(ious, t) for t in thresholds]
+        rows.append((len(gt), len(pred_boxes), int(not pred_boxes), matched))
+        size = item.size or (object_size(gt, item.width, item.height) if gt else "none")
         multi = item.multi if item.multi is not None else len(gt) > 1
         groups["by_size"].setdefault(str(size).lower(), []).append(i)
         groups["by_objects"].setdefault("multi" if multi else "single", []).append(i)
         if item.kind is not None:
             groups["by_type"].setdefault(str(item.kind), []).append(i)
-    out = _grounding_summary(rows, thresholds)
+    out = _referring_summary(rows, thresholds)
     for name, by in groups.items():
         out[name] = {
-            k: _grounding_summary([rows[i] for i in idx], thresholds) for k, idx in sorted(by.items())
+            k: _referring_summary([rows[i] for i in idx], thresholds) for k, idx in sorted(by.items())
         }
     out["size_thresholds"] = dict(SIZE_THRESHOLDS)
     return out
 
 
-# ------------------------------------------------------------------------------------------ captioning
-
-_WS_RE = re.compile(r"\s+")
-
-
-def _meteor_clean(s: str) -> str:
-    """One line the METEOR jar can read: it splits on '|||' and reads line by line, so a newline (or any
-    Unicode line break) or a '|||' in the text desynchronises the pipe and the wrapper hangs."""
-    return _WS_RE.sub(" ", s.replace("|||", " ")).strip()
-
-
-def _meteor_paths() -> tuple[Path, Path]:
-    try:
-        from pycocoevalcap.meteor import meteor as mod
-    except ImportError as e:  # pragma: no cover - pycocoevalcap is a dependency
-        raise GeodistillError("METEOR needs pycocoevalcap: pip install 'pycocoevalcap>=1.2'") from e
-    here = Path(mod.__file__).parent
-    return here / mod.METEOR_JAR, here / "data" / "paraphrase-en.gz"
-
-
-def _drain(stream: Any, tail: list[bytes]) -> None:
-    for line in iter(stream.readline, b""):
-        tail.append(line)
-        del tail[:-20]
-
-
-class MeteorScorer:
-    """METEOR 1.5 (exact, stem, WordNet-synonym and paraphrase matching) in one JVM, via pycocoevalcap.
-
-    Starting costs ~7 s (the paraphrase table loads); scoring is then fast. Use as a context manager or
-    call :meth:`close`. At start a synonym probe ("large" vs "big") must outscore an unrelated word, so a
-    METEOR without its synonym module is never used silently.
-    """
-
-    def __init__(self, timeout_s: float = 900.0) -> None:
-        jar, para = _meteor_paths()
-        if shutil.which("java") is None:
-            raise GeodistillError(
-                "METEOR needs a Java runtime (>= 8) on PATH and none was found; install one, e.g. "
-                "`apt-get install openjdk-17-jre-headless` (Debian/Ubuntu) or `conda install openjdk`"
-            )
-        for f in (jar, para):
-            if not f.is_file():
-                raise GeodistillError(
-                    f"METEOR file {f} is missing; reinstall pycocoevalcap "
-                    "(`pip install --force-reinstall 'pycocoevalcap>=1.2'`)"
-                )
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        self.timeout_s = timeout_s
-        self._stderr: list[bytes] = []
-        self._closed = False
-        self._m = Meteor()  # starts `java -jar meteor-1.5.jar - - -stdio -l en -norm`
-        # The wrapper never reads stderr: drain it so a chatty JVM cannot block on a full pipe, and keep
-        # the tail to explain a crash. The thread holds only the pipe and the list, not self, so a
-        # forgotten scorer can still be collected (and closed by __del__).
-        threading.Thread(target=_drain, args=(self._m.meteor_p.stderr, self._stderr), daemon=True).start()
-        probe, _ = self._score_raw(["a large house", "a purple house"], [["a big house"], ["a big house"]])
-        s_syn, s_other = probe
-        if not s_syn > s_other + 0.1:
-            self.close()
-            raise GeodistillError(
-                f"METEOR synonym matching is not active (probe 'large' vs 'big' scored {s_syn:.3f}, "
-                f"unrelated {s_other:.3f}); check the pycocoevalcap installation"
-            )
-
-    def _kill(self) -> None:
-        self._timed_out = True
-        self._m.meteor_p.kill()
-
-    def _score_raw(self, preds: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[list[float], float]:
-        if self._closed:
-            raise GeodistillError("this MeteorScorer is closed")
-        res = {i: [_meteor_clean(p)] for i, p in enumerate(preds)}
-        gts = {i: [_meteor_clean(r) for r in rs] for i, rs in enumerate(refs)}
-        # A stuck JVM would block readline() forever: kill it after the timeout, which ends the read.
-        self._timed_out = False
-        watchdog = threading.Timer(self.timeout_s, self._kill)
-        watchdog.start()
-        try:
-            corpus, scores = self._m.compute_score(gts, res)
-        except (ValueError, OSError) as e:
-            self.close()
-            tail = b"".join(self._stderr).decode(errors="replace").strip()
-            why = (
-                f"did not answer within timeout_s={self.timeout_s:g} s (the first call includes ~7 s of "
-                "start-up) and was stopped"
-                if self._timed_out
-                else f"stopped answering ({type(e).__name__}: {e})"
-            )
-            raise GeodistillError(f"the METEOR JVM {why}" + (f"; its stderr: {tail}" if tail else "")) from e
-        finally:
-            watchdog.cancel()
-        scores = [float(s) for s in scores]
-        bad = [s for s in [*scores, corpus] if not (math.isfinite(s) and -1e-9 <= s <= 1 + 1e-9)]
-        if len(scores) != len(preds) or bad:
-            self.close()
-            raise GeodistillError(
-                f"METEOR returned {len(scores)} scores for {len(preds)} captions, out of range: {bad[:5]}"
-            )
-        return scores, float(corpus)
-
-    def score(self, preds: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
-        """(corpus METEOR, per-caption METEOR); each prediction against all of its references."""
-        _check_lengths(preds=preds, refs=refs)
-        if not preds:
-            return 0.0, []
-        scores, corpus = self._score_raw(preds, refs)
-        return corpus, scores
-
-    def close(self) -> None:
-        """End the JVM (closing its stdin ends its read loop) and wait for it; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        p = self._m.meteor_p
-        with contextlib.suppress(OSError):  # a broken pipe: the process is already gone
-            p.stdin.close()
-        try:
-            p.wait(timeout=10)
-        except Exception:  # TimeoutExpired: it ignores EOF, so stop it
-            p.kill()
-            p.wait()
-        # The wrapper's compute_score() leaves its lock held when it raises; its __del__ would then
-        # block forever on that lock at garbage collection.
-        if self._m.lock.locked():
-            self._m.lock.release()
-
-    def __del__(self) -> None:
-        if hasattr(self, "_m"):
-            self.close()
-
-    def __enter__(self) -> MeteorScorer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
+# ------------------------------------------------------------------------------------- region captions
 
 def caption_metrics(
     preds: Sequence[str], refs: Sequence[Sequence[str]], *, meteor: MeteorScorer | None = None

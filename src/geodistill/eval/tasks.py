@@ -1,0 +1,78 @@
+"""The four evaluation tasks: their names, their headline metrics and where a real set is configured.
+
+One vocabulary from records to report: an evaluation task is named as the records name it
+(``scene``, ``vqa``, ``referring``, ``region_caption``), and so are its section in ``metrics/<model>.json``
+and the prefix of its headline keys (``referring_acc@0.5``, ``region_caption_meteor``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+EVAL_TASKS = ("scene", "vqa", "referring", "region_caption")
+"""Evaluated in this order; each is a record task (``data.records.TASKS``) and a metrics section."""
+
+BENCHMARK_PARAMS = {
+    "scene": "eval.benchmarks.scene_dir",
+    "vqa": "eval.benchmarks.rsvqa_dir",
+    "referring": "eval.benchmarks.referring_jsonl (with eval.benchmarks.image_dir)",
+    "region_caption": "eval.benchmarks.region_caption_json (with eval.benchmarks.image_dir)",
+}
+"""The params that point each task at a real benchmark instead of the prepared split."""
+
+
+def no_set_reason(task: str, split_file: str) -> str:
+    """Why ``task`` has nothing to evaluate, and the param that gives it a set."""
+    return (
+        f"{task}: no evaluation items ({split_file} holds none of this task, as with real training data, "
+        f"and no benchmark is configured); set {BENCHMARK_PARAMS[task]}"
+    )
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One headline metric of the paper: ``metrics[task][metric]``, over ``metrics[task][n_key]`` items."""
+
+    task: str
+    metric: str
+    label: str
+    """How tables and sentences name it."""
+    n_key: str
+
+    @property
+    def key(self) -> str:
+        """Its name in the flat headline of ``metrics/<model>.json`` (what `dvc metrics` shows)."""
+        return f"{self.task}_{self.metric}"
+
+    def value(self, metrics: Mapping[str, Any]) -> float | None:
+        section = metrics.get(self.task)
+        return _number(section.get(self.metric)) if isinstance(section, Mapping) else None
+
+    def n(self, metrics: Mapping[str, Any]) -> int | None:
+        section = metrics.get(self.task)
+        v = section.get(self.n_key) if isinstance(section, Mapping) else None
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+HEADLINE = (
+    Headline("scene", "OA", "scene OA", "n"),
+    Headline("scene", "AA", "scene AA", "n"),
+    Headline("vqa", "mOA", "VQA mOA", "n_total"),
+    Headline("referring", "acc@0.5", "referring acc@0.5", "n_items"),
+    Headline("referring", "acc@0.25", "referring acc@0.25", "n_items"),
+    Headline("region_caption", "rouge1", "region caption ROUGE-1", "n"),
+    Headline("region_caption", "rougeL", "region caption ROUGE-L", "n"),
+    Headline("region_caption", "meteor", "region caption METEOR", "n"),
+)
+"""The paper's headline numbers, in table order: evaluate, report and bench.seeds all read this."""
+
+
+def headline(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The headline numbers of one model's metrics, flat (for `dvc metrics` and the report)."""
+    return {h.key: h.value(metrics) for h in HEADLINE}
