@@ -85,9 +85,11 @@ def run_toy(out: Path, deepspeed_stage: int | None, crash_at: int | None) -> dic
         else:
             raise AssertionError("the simulated crash did not happen")
         model = toy_model()  # a fresh process would start from the initial weights
+        history.clear()  # and a fresh logger
     result = run_loop(model, toy_batches(d.rank, d.world_size), toy_step(model), TOY, ckpt,
                       logger=log, deepspeed_stage=deepspeed_stage, run_key="toy")  # fmt: skip
-    # rank 0 logs; every rank keeps its own LoopResult history (its local losses)
+    # rank 0 logs; other ranks return their LoopResult history (rank 0's rows up to the checkpoint,
+    # then their own local losses)
     return {"weights": flat(model), "history": history if d.is_main else result.history}
 
 

@@ -31,7 +31,7 @@ from geodistill.data.template import encode_conversation
 from geodistill.distill.losses import distill_kl, feature_align_loss, lm_loss, make_adapter
 from geodistill.distill.onpolicy import mixed_sample, onpolicy_losses
 from geodistill.distill.sft import Collator, RunPaths, finish_run, prepare_trainable, run_key
-from geodistill.distill.train import RunLog, resume_point, run_loop
+from geodistill.distill.train import RunLog, run_loop
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError, ConfigError, ModelError
 from geodistill.models.checkpoints import load, model_fingerprint, resolve
@@ -275,7 +275,7 @@ def run_distill(
     generator = torch.Generator().manual_seed(train.seed + 1000 * d.rank)
     step = DistillStep(kd, reader, collator, cfg, cache_cfg.pooling, pt_texts, teacher, generator, d.rank)
     key = run_key("student_kd", cfg, cache_cfg, student_cfg, expected, model_fingerprint(base_dir))
-    log = RunLog(paths.log_dir, resume_point(paths.checkpoints, key))
+    log = RunLog(paths.log_dir)
     batches = shuffled_batches(
         shards / "train", train.batch_size, train.seed, rank=d.rank, world_size=d.world_size
     )

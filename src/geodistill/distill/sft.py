@@ -20,7 +20,7 @@ from torch import nn
 from geodistill.config import StudentConfig, TrainConfig
 from geodistill.data.collate import IGNORE, Batch, Example, collate, iter_examples, shuffled_batches
 from geodistill.distill.losses import lm_loss
-from geodistill.distill.train import LoopResult, RunLog, clear_checkpoint, resume_point, run_loop
+from geodistill.distill.train import LoopResult, RunLog, clear_checkpoint, run_loop
 from geodistill.distributed import Dist
 from geodistill.models.checkpoints import load, write_fingerprint
 from geodistill.models.factory import (
@@ -186,7 +186,7 @@ def sft_stage(
     batches = shuffled_batches(
         shards / "train", cfg.batch_size, cfg.seed, rank=d.rank, world_size=d.world_size
     )
-    log = RunLog(paths.log_dir, resume_point(paths.checkpoints, key))
+    log = RunLog(paths.log_dir)
     result = run_loop(
         model,
         batches,

@@ -3,8 +3,8 @@
 The loop knows nothing about losses: a ``step_fn(batch, step) -> {"loss": tensor, **terms}`` computes
 them. It owns what every run needs identically: AdamW with warm-up + cosine decay, gradient clipping,
 skipping (and counting) non-finite losses with an abort past a limit, atomic checkpoints with exact
-resume (model, optimizer, RNG, data position and the latest logged values), and optional DDP /
-DeepSpeed ZeRO. ``RunLog`` writes the logged values with dvclive and keeps them across a resume.
+resume (model, optimizer, RNG, data position and the logged history), and optional DDP / DeepSpeed ZeRO.
+``RunLog`` is the logger the stages use (dvclive).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ StepFn = Callable[[Any, int], dict[str, torch.Tensor]]
 Logger = Callable[[int, dict[str, float]], None]
 CKPT = "checkpoint"
 PROGRESS = "progress.json"
-"""{"run_key", "step", "tag"}, written last into a checkpoint folder: which run it resumes, from where."""
+"""{"run_key", "step", "tag"}, written last into a checkpoint folder: which run it resumes, from where
+(readable without loading the weights)."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -55,8 +56,9 @@ class LoopResult:
     seconds: float
     """Training time of this process (its ``steps - resumed_from`` steps)."""
     last: dict[str, float] = field(default_factory=dict)
+    """The values of the last step."""
     history: list[dict[str, float]] = field(default_factory=list)
-    """The rows this process logged."""
+    """Every logged row of the run, from step 1 (after a resume, the checkpoint's rows first)."""
 
 
 @dataclass
@@ -68,6 +70,9 @@ class _Progress:
     latest: dict[str, float] = field(default_factory=dict)
     """Each term's latest value: a term computed every N steps only (on-policy) rarely falls on a logged
     step, so it is logged with its latest value, which a resumed run must know too."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Every row logged so far. A resumed run hands them to its logger again: DVC deletes a stage's
+    outputs (the dvclive folder too) before it re-runs it, so the checkpoint is where they survive."""
 
 
 class StepModule(nn.Module):
@@ -94,18 +99,19 @@ class _Trainer:
     module: nn.Module
     params: list[nn.Parameter]
     opt: torch.optim.Optimizer
-    step: nn.Module
+    run_step: nn.Module
     engine: Any = None
 
 
 def _setup(
     module: nn.Module, step_fn: StepFn, cfg: TrainConfig, deepspeed_stage: int | None, dctx: Dist
 ) -> _Trainer:
+    """AdamW over what is trainable in ``module``, and what runs a step in this process group."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("nothing to train: every parameter is frozen")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    step = StepModule(module, step_fn)
+    run_step: nn.Module = StepModule(module, step_fn)
     if deepspeed_stage is not None:
         import deepspeed  # optional: imported only when asked for
 
@@ -119,13 +125,14 @@ def _setup(
             "bf16": {"enabled": False},
             "steps_per_print": 10**9,
         }
-        engine, opt, _, _ = deepspeed.initialize(model=step, optimizer=opt, config=ds_cfg)
+        engine, opt, _, _ = deepspeed.initialize(model=run_step, optimizer=opt, config=ds_cfg)
         return _Trainer(module, params, opt, engine, engine)
     if dctx.world_size > 1:
         # Some parameters get no gradient in every step (CLIP's post_layernorm under LLaVA, the feature
-        # adapter when align_weight = 0): DDP must look for them or its gradient sync never completes.
-        step = DistributedDataParallel(step, find_unused_parameters=True)
-    return _Trainer(module, params, opt, step)
+        # adapter when align_weight = 0): DDP must look for them, or its reduction waits for them forever
+        # and fails at the next step.
+        run_step = DistributedDataParallel(run_step, find_unused_parameters=True)
+    return _Trainer(module, params, opt, run_step)
 
 
 def _all_finite(loss: torch.Tensor, dctx: Dist) -> bool:
@@ -141,7 +148,7 @@ def _train_step(
     """One optimizer step; None (and no update on any rank) when the loss is not finite on some rank."""
     for g in tr.opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(step, cfg)
-    terms = tr.step(batch, step)
+    terms = tr.run_step(batch, step)
     loss = terms["loss"]
     if not _all_finite(loss, dctx):
         return None  # before backward: DDP and ZeRO have synchronised no gradient yet
@@ -195,12 +202,6 @@ def _find_checkpoint(out_dir: Path, run_key: str) -> tuple[Path, dict[str, Any]]
     return None
 
 
-def resume_point(out_dir: Path, run_key: str) -> int:
-    """The step ``run_loop`` will resume the run ``run_key`` at from ``out_dir`` (0: from scratch)."""
-    found = _find_checkpoint(out_dir, run_key)
-    return 0 if found is None else int(found[1]["step"])
-
-
 def _save(
     tr: _Trainer, out_dir: Path, progress: _Progress, rng: list[dict[str, Any]], run_key: str, dctx: Dist
 ) -> None:
@@ -247,7 +248,7 @@ def _resume(
         tr.module.load_state_dict(client.pop("model"))
         tr.opt.load_state_dict(client.pop("optimizer"))
     _restore_rng(client["rng"], generator, dctx)
-    return _Progress(client["step"], client["skipped"], client["latest"])
+    return _Progress(client["step"], client["skipped"], client["latest"], client["history"])
 
 
 def clear_checkpoint(out_dir: Path) -> None:
@@ -260,22 +261,13 @@ def clear_checkpoint(out_dir: Path) -> None:
 
 
 def _record(
-    progress: _Progress,
-    result: LoopResult,
-    terms: dict[str, torch.Tensor],
-    lr: float,
-    cfg: TrainConfig,
-    logger: Logger | None,
-    dctx: Dist,
+    progress: _Progress, values: dict[str, float], cfg: TrainConfig, logger: Logger | None, dctx: Dist
 ) -> None:
     """Keep a finished step's values; every ``log_every`` steps (and at the end) log them."""
-    values = {k: float(v.detach()) for k, v in terms.items()}
-    values["lr"] = lr
-    result.last = values
     progress.latest.update(values)
     if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
         row = {**progress.latest, "step": progress.step}
-        result.history.append(row)
+        progress.history.append(row)
         if logger is not None and dctx.is_main:
             logger(progress.step, row)
 
@@ -307,13 +299,15 @@ def run_loop(
     dctx.init()
     tr = _setup(module, step_fn, cfg, deepspeed_stage, dctx)
     progress = _resume(tr, out_dir, run_key, generator, dctx) if resume else _Progress()
-    start = progress.step
+    start, last = progress.step, {}
     if start and dctx.is_main:
         print(f"resumed from step {start} of {cfg.steps} ({out_dir / CKPT})", flush=True)
+        if logger is not None:
+            for row in progress.history:  # what the killed process logged up to the checkpoint
+                logger(int(row["step"]), row)
     for _ in range(start):  # same data position as the uninterrupted run
         next(batches)
-    tr.step.train()
-    result = LoopResult(cfg.steps, start, progress.skipped, 0.0)
+    tr.run_step.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         terms = _train_step(tr, next(batches), step, cfg, dctx)
@@ -326,36 +320,33 @@ def run_loop(
                 )
             continue
         progress.step = step + 1
-        _record(progress, result, terms, tr.opt.param_groups[0]["lr"], cfg, logger, dctx)
+        last = {k: float(v.detach()) for k, v in terms.items()} | {"lr": tr.opt.param_groups[0]["lr"]}
+        _record(progress, last, cfg, logger, dctx)
         if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.step < cfg.steps:
             _save(tr, out_dir, progress, _gather_rng(generator, dctx), run_key, dctx)
-    result.skipped_nonfinite = progress.skipped
-    result.seconds = time.perf_counter() - t0
-    return result
+    seconds = time.perf_counter() - t0
+    return LoopResult(cfg.steps, start, progress.skipped, seconds, last, progress.history)
 
 
 # ---------------------------------------------------------------------------------------- dvclive
 
 
 class RunLog:
-    """A ``run_loop`` logger writing dvclive metrics and plots to ``directory``, kept across a resume.
+    """A ``run_loop`` logger writing dvclive metrics and plots to ``directory``.
 
-    A fresh run (``resumed_from`` 0) starts the folder anew. A resumed one keeps the rows the killed
-    process logged up to ``resumed_from`` (pass ``resume_point(...)``) and drops its later ones, which
-    the resumed run logs again: every step is in the history once, as in an uninterrupted run. DVC
-    tracks the folder itself (dvc.yaml), so dvclive must not create experiments or edit dvc.yaml. Only
-    rank 0 writes: other ranks keep nothing, so they never race on the same files.
+    The folder starts anew with every process: a resumed ``run_loop`` logs the checkpoint's history
+    again first, so each step is in it once, as in an uninterrupted run (only the timestamps of those
+    rows are the resume's). DVC tracks the folder itself (dvc.yaml), so dvclive must not create
+    experiments or edit dvc.yaml. Only rank 0 writes: other ranks keep nothing, so they never race on
+    the same files.
     """
 
-    def __init__(self, directory: Path, resumed_from: int = 0) -> None:
+    def __init__(self, directory: Path) -> None:
         self.live: Any = None
-        if not Dist.from_env().is_main:
-            return
-        from dvclive import Live
+        if Dist.from_env().is_main:
+            from dvclive import Live
 
-        if resumed_from:
-            _drop_rows_after(directory / "plots" / "metrics", resumed_from)
-        self.live = Live(str(directory), resume=resumed_from > 0, save_dvc_exp=False, dvcyaml=None)
+            self.live = Live(str(directory), save_dvc_exp=False, dvcyaml=None)
 
     def __call__(self, step: int, values: dict[str, float]) -> None:
         if self.live is None:
@@ -371,11 +362,3 @@ class RunLog:
             return
         self.live.summary.update(summary)
         self.live.end()
-
-
-def _drop_rows_after(plots: Path, step: int) -> None:
-    """Remove the rows of steps after ``step`` from every dvclive metric file (TSV) under ``plots``."""
-    for tsv in plots.rglob("*.tsv"):
-        header, *rows = tsv.read_text().splitlines(keepends=True)
-        col = header.rstrip("\n").split("\t").index("step")
-        tsv.write_text("".join([header, *(r for r in rows if int(r.split("\t")[col]) <= step)]))
