@@ -4,20 +4,22 @@
     torchrun --nproc_per_node 2 stages/distill.py                # DDP (or DeepSpeed: distill.deepspeed)
 
 models/student_sft + data/teacher_cache.zarr (+ models/teacher only when distill.onpolicy.enabled)
--> models/student_kd/, dvclive/distill/. Reads params `distill.*`, `cache.*` (the cache fingerprint)
-and `student.*` (freezing, LoRA).
++ data/prepared/pretrain.jsonl (L_PT) -> models/student_kd/, dvclive/student_kd/. Reads params
+`distill.*`, `cache.*` (the cache fingerprint) and `student.*` (freezing, LoRA). A killed run resumes
+from checkpoints/student_kd/ (every distill.train.checkpoint_every steps).
 """
 
-import json
 from pathlib import Path
 
 from geodistill.config import load_section
 from geodistill.distill.kd import run_distill
+from geodistill.distill.sft import RunPaths
 
-OUT = Path("models/student_kd")
+MODEL = "student_kd"
+PATHS = RunPaths(Path("models") / MODEL, Path("dvclive") / MODEL, Path("checkpoints") / MODEL)
 
 if __name__ == "__main__":
-    summary = run_distill(
+    run_distill(
         load_section("distill"),
         load_section("cache"),
         load_section("student"),
@@ -25,7 +27,6 @@ if __name__ == "__main__":
         cache_path=Path("data/teacher_cache.zarr"),
         base_dir=Path("models/student_sft"),
         teacher_dir=Path("models/teacher"),
-        out=OUT,
+        prepared=Path("data/prepared"),
+        paths=PATHS,
     )
-    if OUT.exists():
-        (OUT / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -4,22 +4,23 @@ adds from what more training adds.
 
     python stages/student_control.py    # models/student_sft -> models/student_control/
 
-Reads params `student.*` (freezing, LoRA) and `distill.train`.
+Reads params `student.*` (freezing, LoRA) and `distill.train`. Logs to dvclive/student_control/; a killed
+run resumes from checkpoints/student_control/.
 """
 
-import json
 from pathlib import Path
 
 from geodistill.config import load_section
-from geodistill.distill.sft import prepare_trainable, run_key, sft_stage
+from geodistill.distill.sft import RunPaths, prepare_trainable, run_key, sft_stage
 from geodistill.models.checkpoints import load_for_training, model_fingerprint
 
-SHARDS, BASE, OUT = Path("data/shards"), Path("models/student_sft"), Path("models/student_control")
+MODEL = "student_control"
+PATHS = RunPaths(Path("models") / MODEL, Path("dvclive") / MODEL, Path("checkpoints") / MODEL)
+SHARDS, BASE = Path("data/shards"), Path("models/student_sft")
 
 if __name__ == "__main__":
     student, distill = load_section("student"), load_section("distill")
     model, tok, transform = load_for_training(BASE)
     model = prepare_trainable(model, student)
-    key = run_key("student_control", student, distill.train, model_fingerprint(BASE))
-    summary = sft_stage(model, tok, transform, distill.train, SHARDS, OUT, name="student_control", key=key)
-    (OUT / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    key = run_key(MODEL, student, distill.train, model_fingerprint(BASE))
+    sft_stage(model, tok, transform, distill.train, SHARDS, PATHS, key=key)

@@ -1,5 +1,6 @@
-"""dvc.yaml discipline: every stage depends on its script and on every geodistill module it imports
-(transitively), and reads only params sections that exist."""
+"""dvc.yaml discipline: every stage depends on its script and on exactly the geodistill modules it imports
+(transitively), reads only params sections that exist, and a training stage's dvclive folder is named
+after its model."""
 
 import ast
 from pathlib import Path
@@ -62,6 +63,33 @@ def test_every_stage_depends_on_what_it_imports():
             if not any(mod == d or d in mod.parents for d in deps):
                 missing.setdefault(name, []).append(str(mod.relative_to(ROOT)))
     assert not missing, f"stages import modules they do not list as deps: {missing}"
+
+
+def test_no_stage_depends_on_src_it_does_not_import():
+    """A listed src/ package or module that the stage never imports re-runs it for nothing."""
+    extra = {}
+    for name, st in _stages():
+        used = _closure(ROOT / st["cmd"].split()[1])
+        for dep in st["deps"]:
+            path = ROOT / dep
+            if SRC in path.parents and not any(m == path or path in m.parents for m in used):
+                extra.setdefault(name, []).append(dep)
+    assert not extra, f"stages list src/ deps they do not import: {extra}"
+
+
+def test_training_stages_log_to_dvclive_of_their_model():
+    """dvclive/<model> for the stage that writes models/<model>; the report reads every one of them."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    logged = []
+    for name, st in _stages():
+        plots = [next(iter(p)) if isinstance(p, dict) else p for p in st.get("plots", [])]
+        metrics = [next(iter(m)) if isinstance(m, dict) else m for m in st.get("metrics", [])]
+        for path in [p for p in plots + metrics if p.startswith("dvclive/")]:
+            model = path.split("/")[1]
+            assert f"models/{model}" in st["outs"], f"{name}: logs to {path} but writes {st['outs']}"
+            logged.append(model)
+    assert sorted(set(logged)) == ["student_control", "student_kd", "student_sft", "teacher"]
+    assert {f"dvclive/{m}" for m in logged} <= set(spec["report"]["deps"])
 
 
 def test_stage_params_are_known_sections():

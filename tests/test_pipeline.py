@@ -4,21 +4,22 @@ The fast test runs `dvc repro shard`; the slow one runs everything, then checks 
 changing a distill param re-runs only distill -> evaluate(student_kd) (and reuses teacher and cache).
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
+from geodistill.config import LlavaArch
+
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_ARCH = {
-    "num_heads": 2, "num_kv_heads": 2, "vision_hidden_size": 32, "vision_intermediate_size": 64,
-    "vision_layers": 3, "vision_heads": 2, "image_size": 32, "patch_size": 8, "max_position_embeddings": 256,
-}  # fmt: skip
 TINY_TRAIN = {"steps": 4, "batch_size": 4, "warmup": 1, "max_len": 200, "log_every": 2}
 
 
@@ -40,17 +41,16 @@ def _checkout(tmp: Path) -> Path:
     return dst
 
 
-def _tiny_params(repo: Path) -> None:
+def _tiny_params(repo: Path, tiny_arch: Callable[..., LlavaArch]) -> None:
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["data"]["synthetic"].update(
         image_size=32, grid=4, train_images=12, val_images=4, test_images=4, pretrain_texts=8
     )
     p["shard"]["maxcount"] = 5
     p["tokenizer"]["vocab_size"] = 300
-    for section in ("teacher", "student"):
-        p[section]["arch"].update(TINY_ARCH)
-    p["teacher"]["arch"].update(hidden_size=48, intermediate_size=96, num_layers=2)
-    p["student"]["arch"].update(hidden_size=32, intermediate_size=64, num_layers=1)
+    teacher = tiny_arch(hidden_size=48, intermediate_size=96)
+    student = tiny_arch(hidden_size=32, intermediate_size=64, num_layers=1)
+    p["teacher"]["arch"], p["student"]["arch"] = asdict(teacher), asdict(student)
     for section in ("teacher", "sft", "distill"):
         p[section]["train"].update(TINY_TRAIN)
     p["cache"]["batch_size"] = 8
@@ -68,9 +68,9 @@ def _dvc(repo: Path, *args: str) -> str:
     return out.stdout + out.stderr
 
 
-def test_dvc_repro_shard_from_clean_checkout(tmp_path):
+def test_dvc_repro_shard_from_clean_checkout(tmp_path, tiny_arch):
     repo = _checkout(tmp_path)
-    _tiny_params(repo)
+    _tiny_params(repo, tiny_arch)
     _dvc(repo, "repro", "shard")
     manifest = yaml.safe_load((repo / "data/shards/train/manifest.json").read_text())
     assert manifest["totals"]["samples"] == 12 and len(manifest["shards"]) == 3
@@ -78,12 +78,16 @@ def test_dvc_repro_shard_from_clean_checkout(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_pipeline_and_experiment_reuse(tmp_path):
+def test_full_pipeline_and_experiment_reuse(tmp_path, tiny_arch):
     repo = _checkout(tmp_path)
-    _tiny_params(repo)
+    _tiny_params(repo, tiny_arch)
     _dvc(repo, "repro")
     for name in ("teacher", "student_sft", "student_control", "student_kd"):
         assert (repo / f"metrics/{name}.json").exists()
+        assert (repo / f"dvclive/{name}/plots/metrics/loss.tsv").exists()
+        summary = json.loads((repo / f"models/{name}/train_summary.json").read_text())
+        assert summary["steps"] == summary["steps_run"] == TINY_TRAIN["steps"]
+    assert not (repo / "checkpoints").exists() or not any((repo / "checkpoints").rglob("state.pt"))
     assert (repo / "reports/report.md").exists()
     out = _dvc(repo, "exp", "run", "-S", "distill.kl=forward")
     for stage in (

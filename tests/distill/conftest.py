@@ -2,13 +2,13 @@
 
 One session-scoped workspace laid out like the pipeline's (``data/prepared``, ``data/shards/{train,val}``,
 ``models/{teacher,student_sft}``, ``data/teacher_cache.zarr``), built in ~3 s: 12 synthetic 32 px scenes
-(88 training records), a 400-token BPE, a 64-wide teacher and a 32-wide student (2 LLM layers, a 3-layer
-32-wide CLIP tower, 16 image tokens). Tests that run a stage-like function ``chdir`` into a fresh folder
-that sees the workspace's ``data/prepared`` (``run_distill`` reads the L_PT corpus from that relative path).
+(88 training records), a 400-token BPE, a TINY_ARCH teacher and a 32-wide student (16 image tokens).
+Every path a training run writes to is passed in (``run_paths``): no test changes the working folder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,28 +19,12 @@ from geodistill.cache.build import build_cache
 from geodistill.config import CacheConfig, DataConfig, LlavaArch, SyntheticConfig
 from geodistill.data.prepare import image_root, prepare, tokenizer_corpus
 from geodistill.data.shards import write_shards
+from geodistill.distill.sft import RunPaths
 from geodistill.models.checkpoints import save_llava, write_fingerprint
 from geodistill.models.llava import build_llava
 from geodistill.models.tokenizer import build_tokenizer
 from geodistill.models.transform import ImageTransform
 
-TEACHER_ARCH = LlavaArch(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=4,
-    vision_hidden_size=32,
-    vision_intermediate_size=64,
-    vision_layers=3,
-    vision_heads=4,
-    image_size=32,
-    patch_size=8,
-    max_position_embeddings=512,
-)
-STUDENT_ARCH = LlavaArch(
-    **{**TEACHER_ARCH.__dict__, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_kv_heads": 2}
-)
 CACHE = CacheConfig(k=8, encoding="float16", pooling=1, batch_size=16)
 TEACHER_SHARPNESS = 20.0
 """The random teacher's lm_head is scaled by this: a near-uniform teacher (max prob ~ 1/V) would make
@@ -59,7 +43,7 @@ class Workspace:
 
 
 @pytest.fixture(scope="session")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_arch: Callable[..., LlavaArch]) -> Workspace:
     root = tmp_path_factory.mktemp("workspace")
     prepared, shards = root / "data/prepared", root / "data/shards"
     data = DataConfig(
@@ -74,11 +58,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
             prepared / f"{split}.jsonl", image_root(prepared), shards / split, maxcount=5, maxsize=10**9
         )
     tok = build_tokenizer(tokenizer_corpus(prepared), 400)
-    transform = ImageTransform(TEACHER_ARCH.image_size)
-    teacher = build_llava(TEACHER_ARCH, tok, seed=0)
+    teacher_arch = tiny_arch()
+    transform = ImageTransform(teacher_arch.image_size)
+    teacher = build_llava(teacher_arch, tok, seed=0)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(TEACHER_SHARPNESS)
-    student = build_llava(STUDENT_ARCH, tok, seed=1)
+    student_arch = tiny_arch(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=2)
+    student = build_llava(student_arch, tok, seed=1)
     ws = Workspace(
         root,
         prepared,
@@ -96,9 +82,6 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 @pytest.fixture
-def kd_cwd(workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh working folder whose ``data/prepared`` is the workspace's (dvclive/, checkpoints/ go here)."""
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data/prepared").symlink_to(workspace.prepared)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def run_paths(tmp_path: Path) -> RunPaths:
+    """Where one training run writes (model, dvclive folder, checkpoints), inside the test's folder."""
+    return RunPaths(tmp_path / "model", tmp_path / "dvclive", tmp_path / "checkpoints")

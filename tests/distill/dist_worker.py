@@ -1,12 +1,14 @@
-"""Worker of the two-process tests in test_train.py (gloo, CPU), one process per rank (from tests/distill):
+"""Worker of the multi-process tests in test_train.py (gloo, CPU), one process per rank (from tests/distill):
 
     torchrun --standalone --nproc_per_node 2 dist_worker.py toy OUT [--deepspeed 2] [--crash-at N]
     torchrun --standalone --nproc_per_node 2 dist_worker.py distill OUT ARGS_JSON
+    python dist_worker.py distill OUT ARGS_JSON [--kill-at N]       # one process
 
 ``toy``: ``run_loop`` on a small MLP, each rank on its half of a global batch; with ``--crash-at`` the
 first run raises at that step and a second run resumes from its checkpoint. ``distill``: ``run_distill``
-with the configs and paths in ARGS_JSON (run in a workspace whose data/prepared holds the L_PT corpus).
-Each rank writes OUT/rank<r>.pt = {"weights": flat vector, "history"}.
+with the configs and input paths in ARGS_JSON, writing OUT/{model,dvclive,checkpoints}; with
+``--kill-at`` the process kills itself with SIGKILL at that step. Each rank writes OUT/rank<r>.pt =
+{"weights": flat vector, "history" or "summary"} (when it was not killed).
 The toy functions are also imported by the tests for the single-process reference.
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geodistill.config import CacheConfig, DistillConfig, StudentConfig, TrainConfig, from_dict
+from geodistill.distill.sft import RunPaths
 from geodistill.distill.train import Dist, run_loop
 
 TOY = TrainConfig(steps=6, batch_size=4, lr=0.05, warmup=2, log_every=1, checkpoint_every=2, grad_clip=1.0)
@@ -80,24 +85,36 @@ def run_toy(out: Path, deepspeed_stage: int | None, crash_at: int | None) -> dic
         else:
             raise AssertionError("the simulated crash did not happen")
         model = toy_model()  # a fresh process would start from the initial weights
+        history.clear()  # and a fresh logger
     result = run_loop(model, toy_batches(d.rank, d.world_size), toy_step(model), TOY, ckpt,
                       logger=log, deepspeed_stage=deepspeed_stage, run_key="toy")  # fmt: skip
-    # rank 0 logs; every rank keeps its own LoopResult history (its local losses)
+    # rank 0 logs; other ranks return their LoopResult history (rank 0's rows up to the checkpoint,
+    # then their own local losses)
     return {"weights": flat(model), "history": history if d.is_main else result.history}
 
 
-def run_distill_worker(out: Path, args: dict) -> dict:
-    """run_distill as stages/distill.py calls it; returns this rank's final student weights too."""
-    from geodistill.distill import kd
+def run_distill_worker(out: Path, args: dict, kill_at: int | None = None) -> dict:
+    """run_distill as stages/distill.py calls it, writing into ``out``; returns this rank's final student
+    weights too. With ``kill_at`` the process kills itself (SIGKILL, as ``kill -9``) at that step."""
+    from geodistill.distill import kd, sft
 
     final: dict[str, nn.Module] = {}
-    merge = kd.merge_lora
+    merge = sft.merge_lora
 
     def capture(model: nn.Module) -> nn.Module:  # every rank passes its trained student through here
         final["student"] = merge(model)
         return final["student"]
 
-    kd.merge_lora = capture
+    sft.merge_lora = capture
+    if kill_at is not None:
+        step = kd.DistillStep.__call__
+
+        def killing_step(self, examples, step_index: int):
+            if step_index == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, examples, step_index)
+
+        kd.DistillStep.__call__ = killing_step
     summary = kd.run_distill(
         from_dict(DistillConfig, args["distill"], "distill"),
         from_dict(CacheConfig, args["cache"], "cache"),
@@ -106,7 +123,8 @@ def run_distill_worker(out: Path, args: dict) -> dict:
         cache_path=Path(args["cache_path"]),
         base_dir=Path(args["base_dir"]),
         teacher_dir=Path(args["teacher_dir"]),
-        out=out / "student_kd",
+        prepared=Path(args["prepared"]),
+        paths=RunPaths(out / "model", out / "dvclive", out / "checkpoints"),
     )
     return {"weights": flat(final["student"]), "summary": summary}
 
@@ -119,11 +137,12 @@ def main() -> None:
     p.add_argument("args_json", nargs="?", default="{}")
     p.add_argument("--deepspeed", type=int, default=None)
     p.add_argument("--crash-at", type=int, default=None)
+    p.add_argument("--kill-at", type=int, default=None)
     a = p.parse_args()
     if a.mode == "toy":
         res = run_toy(a.out, a.deepspeed, a.crash_at)
     else:
-        res = run_distill_worker(a.out, json.loads(a.args_json))
+        res = run_distill_worker(a.out, json.loads(a.args_json), a.kill_at)
     d = Dist.from_env()
     torch.save(res, a.out / f"rank{d.rank}.pt")
 

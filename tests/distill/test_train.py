@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,9 +45,9 @@ from geodistill.data.shards import load_manifest
 from geodistill.distill import kd, sft
 from geodistill.distill.kd import gather_targets, run_distill
 from geodistill.distill.losses import distill_kl, reverse_kl
-from geodistill.distill.sft import Collator, sft_stage
+from geodistill.distill.sft import Collator, RunPaths, sft_stage
 from geodistill.distill.train import LoopResult, lr_factor, run_loop
-from geodistill.errors import CacheError, TrainingError
+from geodistill.errors import CacheError, ConfigError, TrainingError
 from geodistill.models.checkpoints import load_for_training
 from geodistill.models.llava import num_image_tokens
 
@@ -159,13 +160,16 @@ def test_run_loop_resumes_exactly(tmp_path, uninterrupted, survivor):
     with pytest.raises(Crash):
         toy_run(out, logged, crash_at=4)  # steps 0-3 done, checkpoint after step 4 (checkpoint_every=2)
     assert [v["step"] for v in logged] == [1, 2, 3, 4]
-    if survivor == "checkpoint.old":  # killed between the two renames of _save_checkpoint
+    assert json.loads((out / "checkpoint/progress.json").read_text())["step"] == 4
+    if survivor == "checkpoint.old":  # killed between the two renames of a checkpoint save
         (out / "checkpoint").rename(out / "checkpoint.old")
     torch.manual_seed(1234)  # the resumed process has other RNG state: the checkpoint must restore it
     random.seed(1234)
-    model, result = toy_run(out, logged)
-    assert [v["step"] for v in result.history] == [5, 6, 7, 8]
-    assert logged == ref_log  # same losses, lr and steps, bit for bit
+    again: list[dict[str, float]] = []
+    model, result = toy_run(out, again)
+    assert result.resumed_from == 4 and result.steps == 8
+    # the resumed run logs the checkpoint's rows (steps 1-4) first, then its own: the whole history once
+    assert again == result.history == ref_log  # same losses, lr and steps, bit for bit
     assert torch.equal(weights(model), ref_w)
 
 
@@ -251,7 +255,7 @@ def test_shuffled_batches_split_records_across_ranks(workspace):
     assert len(full) == n_records
 
 
-def test_control_and_distill_see_the_same_batches(workspace, kd_cwd, monkeypatch):
+def test_control_and_distill_see_the_same_batches(workspace, tmp_path, monkeypatch):
     """stages/student_control.py (sft_stage with distill.train) and run_distill: one batch order."""
     train = TrainConfig(steps=14, batch_size=8, seed=5, max_len=512)
     seen: dict[str, list[list[str]]] = {}
@@ -259,18 +263,16 @@ def test_control_and_distill_see_the_same_batches(workspace, kd_cwd, monkeypatch
     def recording_loop(name: str):
         def fake(module, batches, step_fn, cfg, out_dir, **kw) -> LoopResult:
             seen[name] = take(batches, cfg.steps)
-            return LoopResult(cfg.steps, 0, 0.0)
+            return LoopResult(cfg.steps, 0, 0, 0.0)
 
         return fake
 
     monkeypatch.setattr(sft, "run_loop", recording_loop("control"))
     monkeypatch.setattr(kd, "run_loop", recording_loop("distill"))
     student, tok, transform = load_for_training(workspace.student)
-    sft_stage(
-        student, tok, transform, train, workspace.shards, kd_cwd / "control", name="student_control", key="k"
-    )
+    sft_stage(student, tok, transform, train, workspace.shards, paths_in(tmp_path / "control"), key="k")
     run_distill(
-        DistillConfig(train=train), workspace.cache_cfg, StudentConfig(), **paths(workspace, kd_cwd / "kd")
+        DistillConfig(train=train), workspace.cache_cfg, StudentConfig(), **inputs(workspace, tmp_path)
     )
     assert seen["control"] == seen["distill"]
     assert len({k for b in seen["control"] for k in b}) > 80  # more than an epoch of 88 records
@@ -279,8 +281,20 @@ def test_control_and_distill_see_the_same_batches(workspace, kd_cwd, monkeypatch
 # ------------------------------------------------------------------------------------ run_distill
 
 
-def paths(ws, out: Path) -> dict[str, Path]:
-    return dict(shards=ws.shards, cache_path=ws.cache, base_dir=ws.student, teacher_dir=ws.teacher, out=out)
+def paths_in(folder: Path) -> RunPaths:
+    return RunPaths(folder / "model", folder / "dvclive", folder / "checkpoints")
+
+
+def inputs(ws, folder: Path) -> dict[str, Any]:
+    """run_distill's path arguments: the workspace's inputs, every output inside ``folder``."""
+    return dict(
+        shards=ws.shards,
+        cache_path=ws.cache,
+        base_dir=ws.student,
+        teacher_dir=ws.teacher,
+        prepared=ws.prepared,
+        paths=paths_in(folder),
+    )
 
 
 def tiny_distill(**changes: Any) -> DistillConfig:
@@ -301,10 +315,18 @@ def load_calls(monkeypatch) -> list[Path]:
     return calls
 
 
-def read_metric(cwd: Path, name: str) -> list[float]:
-    tsv = cwd / "dvclive/distill/plots/metrics" / f"{name}.tsv"
-    rows = tsv.read_text().splitlines()[1:]
-    return [float(r.split("\t")[-1]) for r in rows]
+def read_metric(log_dir: Path, name: str) -> list[float]:
+    return [value for _step, value in logged_rows(log_dir)[name]]
+
+
+def logged_rows(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every dvclive metric file under ``log_dir``: (step, value) rows, in file order (no timestamps)."""
+    rows = {}
+    for tsv in sorted((log_dir / "plots/metrics").rglob("*.tsv")):
+        header, *lines = [line.split("\t") for line in tsv.read_text().splitlines()]
+        step = header.index("step")
+        rows[tsv.stem] = [(int(r[step]), float(r[-1])) for r in lines]
+    return rows
 
 
 def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -314,50 +336,64 @@ def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_run_distill_end_to_end(workspace, kd_cwd, load_calls):
-    out = kd_cwd / "student_kd"
-    summary = run_distill(tiny_distill(), workspace.cache_cfg, StudentConfig(), **paths(workspace, out))
-    assert summary["steps"] == 3 and summary["skipped_nonfinite"] == 0
+def test_run_distill_end_to_end(workspace, tmp_path, load_calls, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # only to check that nothing is written where it was not asked for
+    paths = paths_in(tmp_path / "run")
+    args = inputs(workspace, tmp_path / "run")
+    summary = run_distill(tiny_distill(), workspace.cache_cfg, StudentConfig(), **args)
+    assert list(cwd.iterdir()) == []
+    assert summary["steps"] == summary["steps_run"] == 3 and summary["resumed_from"] == 0
+    assert summary["skipped_nonfinite"] == 0
+    assert json.loads((paths.out / "train_summary.json").read_text()) == summary
     for term in ("kl", "align", "pt", "loss"):
-        values = read_metric(kd_cwd, term)
+        values = read_metric(paths.log_dir, term)
         assert len(values) == 3 and all(math.isfinite(v) for v in values), term
         assert math.isfinite(summary["train"][term])
+    assert json.loads((paths.log_dir / "metrics.json").read_text())["val_loss"] == summary["val"]["loss"]
     assert summary["train"]["kl"] > 0 and summary["train"]["align"] > 0
     assert not any(k.startswith("onpolicy") for k in summary["train"])
     assert math.isfinite(summary["val"]["loss"])
     # the teacher model was never loaded: everything came from the cache
     assert load_calls == [workspace.student.resolve()]
     # a plain transformers checkpoint with exactly the student's weights (the feature adapter dropped)
-    model = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True)
-    base, trained = saved_tensors(workspace.student), saved_tensors(out)
+    model = LlavaForConditionalGeneration.from_pretrained(paths.out, local_files_only=True)
+    base, trained = saved_tensors(workspace.student), saved_tensors(paths.out)
     assert set(trained) == set(base)
     assert not any("adapter" in k or "lora" in k for k in trained)
     assert any(not torch.equal(base[k], trained[k]) for k in base)  # it trained
     assert model.config.text_config.hidden_size == 32
-    assert (out / "fingerprint.json").exists()
-    assert not (kd_cwd / "checkpoints/distill/checkpoint").exists()  # resumable state cleared
+    assert (paths.out / "fingerprint.json").exists()
+    assert not (paths.checkpoints / "checkpoint").exists()  # resumable state cleared
 
 
-def test_run_distill_onpolicy_terms(workspace, kd_cwd, load_calls):
+def test_run_distill_refuses_an_empty_pt_corpus(workspace, tmp_path):
+    """pt_weight > 0 with nothing to train L_PT on is an error naming the file and the param."""
+    (tmp_path / "pretrain.jsonl").write_text("")
+    args = {**inputs(workspace, tmp_path / "run"), "prepared": tmp_path}
+    with pytest.raises(ConfigError, match=r"distill.pt_weight is 0.1 .*pretrain.jsonl is empty"):
+        run_distill(tiny_distill(pt_weight=0.1), workspace.cache_cfg, StudentConfig(), **args)
+    assert not (tmp_path / "run").exists()  # refused before anything was trained or written
+
+
+def test_run_distill_onpolicy_terms(workspace, tmp_path, load_calls):
     onpolicy = OnPolicyConfig(enabled=True, every=1, batch_size=2, max_new_tokens=3)
     summary = run_distill(
-        tiny_distill(onpolicy=onpolicy),
-        workspace.cache_cfg,
-        StudentConfig(),
-        **paths(workspace, kd_cwd / "out"),
+        tiny_distill(onpolicy=onpolicy), workspace.cache_cfg, StudentConfig(), **inputs(workspace, tmp_path)
     )
     assert workspace.teacher.resolve() in load_calls
     for term in ("onpolicy_single", "onpolicy_long", "onpolicy_total", "onpolicy_w", "onpolicy_length"):
-        values = read_metric(kd_cwd, term)
+        values = read_metric(tmp_path / "dvclive", term)
         assert len(values) == 3 and all(math.isfinite(v) for v in values), term
     assert 1 <= summary["train"]["onpolicy_length"] <= 3
     assert summary["train"]["onpolicy_single"] >= 0
 
 
-def test_run_distill_lora_exports_merged_plain_model(workspace, kd_cwd):
-    out = kd_cwd / "student_kd"
+def test_run_distill_lora_exports_merged_plain_model(workspace, tmp_path):
+    out = paths_in(tmp_path).out
     student = StudentConfig(lora=LoraConfig(enabled=True, r=4, alpha=8))
-    run_distill(tiny_distill(), workspace.cache_cfg, student, **paths(workspace, out))
+    run_distill(tiny_distill(), workspace.cache_cfg, student, **inputs(workspace, tmp_path))
     base, merged = saved_tensors(workspace.student), saved_tensors(out)
     assert set(merged) == set(base)  # plain keys: no base_model.model. prefix, no lora_A/lora_B
     LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True)
@@ -368,16 +404,12 @@ def test_run_distill_lora_exports_merged_plain_model(workspace, kd_cwd):
 
 
 def test_run_distill_resumes_exactly(workspace, tmp_path, monkeypatch):
-    """Killed after a checkpoint and re-run: the same student as an uninterrupted run (L_PT batches too)."""
+    """Killed after a checkpoint and re-run: the same student as an uninterrupted run (L_PT batches too)
+    and the same logged history, each step once (the rows logged after the checkpoint are replaced)."""
     cfg = tiny_distill(train=dataclasses.replace(tiny_distill().train, steps=4, checkpoint_every=2))
 
-    def run_in(folder: Path) -> dict[str, torch.Tensor]:
-        (folder / "data").mkdir(parents=True, exist_ok=True)
-        if not (folder / "data/prepared").exists():
-            (folder / "data/prepared").symlink_to(workspace.prepared)
-        monkeypatch.chdir(folder)
-        run_distill(cfg, workspace.cache_cfg, StudentConfig(), **paths(workspace, folder / "out"))
-        return saved_tensors(folder / "out")
+    def run_in(folder: Path) -> dict[str, Any]:
+        return run_distill(cfg, workspace.cache_cfg, StudentConfig(), **inputs(workspace, folder))
 
     reference = run_in(tmp_path / "a")
     offline = kd.offline_terms
@@ -392,11 +424,17 @@ def test_run_distill_resumes_exactly(workspace, tmp_path, monkeypatch):
     monkeypatch.setattr(kd, "offline_terms", crash_at_step_3)
     with pytest.raises(Crash):
         run_in(tmp_path / "b")
-    assert (tmp_path / "b/checkpoints/distill/checkpoint/state.pt").exists()
+    assert (tmp_path / "b/checkpoints/checkpoint/state.pt").exists()
+    steps = [s for s, _ in logged_rows(tmp_path / "b/dvclive")["loss"]]
+    assert steps == [1, 2, 3]  # step 3 was logged after the checkpoint
     monkeypatch.setattr(kd, "offline_terms", offline)
     torch.manual_seed(99)
     resumed = run_in(tmp_path / "b")
-    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert resumed["resumed_from"] == 2 and resumed["steps_run"] == 2
+    a, b = saved_tensors(tmp_path / "a/model"), saved_tensors(tmp_path / "b/model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_rows(tmp_path / "b/dvclive") == logged_rows(tmp_path / "a/dvclive")
+    assert resumed["train"] == reference["train"]
 
 
 # ------------------------------------------------------------------------------------ gather_targets
@@ -487,18 +525,18 @@ def load_worker():
     return module
 
 
-def torchrun(*args: str, cwd: Path | None = None, timeout: int = 110) -> None:
+def run_worker(*args: str, procs: int = 2, cwd: Path | None = None, timeout: int = 110):
+    """dist_worker.py in ``procs`` processes (torchrun), or in this one's own subprocess (procs = 1)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-    ]
-    proc = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    cmd = [*launcher, str(WORKER), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(*args: str, cwd: Path | None = None, timeout: int = 110) -> None:
+    proc = run_worker(*args, cwd=cwd, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
@@ -514,15 +552,8 @@ def check_ranks_match_reference(out: Path, reference: torch.Tensor) -> None:
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # the replicas never diverge
     # two halves of a batch with averaged gradients = the whole batch in one process (even after a resume)
     torch.testing.assert_close(ranks[0]["weights"], reference, rtol=0, atol=1e-6)
-    assert [v["step"] for v in ranks[0]["history"]] == [
-        1,
-        2,
-        3,
-        3,
-        4,
-        5,
-        6,
-    ]  # crashed in step 4, resumed at 3
+    # the resumed run's log: the checkpoint's rows (crashed in step 3, resumed at 2), then its own
+    assert [v["step"] for v in ranks[0]["history"]] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
@@ -538,26 +569,59 @@ def test_deepspeed_zero2_two_processes_same_weights_as_one(tmp_path):
     check_ranks_match_reference(tmp_path, single_process_reference(tmp_path))
 
 
+def worker_args(ws, cfg: DistillConfig) -> str:
+    """dist_worker.py's ``distill`` arguments: configs and the workspace's inputs."""
+    args = {
+        "distill": dataclasses.asdict(cfg),
+        "cache": dataclasses.asdict(ws.cache_cfg),
+        "student": dataclasses.asdict(StudentConfig()),
+        **{k: str(v) for k, v in inputs(ws, Path()).items() if k != "paths"},
+    }
+    return json.dumps(args)
+
+
 @pytest.mark.slow
-def test_deepspeed_zero2_run_distill(workspace, kd_cwd):
+def test_deepspeed_zero2_run_distill(workspace, tmp_path):
     train = TrainConfig(
         steps=4, batch_size=4, lr=1e-3, warmup=1, log_every=1, checkpoint_every=2, max_len=512
     )
     cfg = tiny_distill(train=train, deepspeed=dataclasses.replace(DistillConfig().deepspeed, enabled=True))
-    args = {
-        "distill": dataclasses.asdict(cfg),
-        "cache": dataclasses.asdict(workspace.cache_cfg),
-        "student": dataclasses.asdict(StudentConfig()),
-        **{k: str(v) for k, v in paths(workspace, kd_cwd).items() if k != "out"},
-    }
-    torchrun("distill", str(kd_cwd), json.dumps(args), cwd=kd_cwd, timeout=180)
-    ranks = [torch.load(kd_cwd / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    torchrun("distill", str(tmp_path), worker_args(workspace, cfg), cwd=tmp_path, timeout=180)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
     for r in ranks:
         assert r["summary"]["steps"] == 4 and r["summary"]["skipped_nonfinite"] == 0
         assert all(math.isfinite(r["summary"]["train"][t]) for t in ("kl", "align", "pt", "loss"))
-    LlavaForConditionalGeneration.from_pretrained(kd_cwd / "student_kd", local_files_only=True)
-    assert set(saved_tensors(kd_cwd / "student_kd")) == set(saved_tensors(workspace.student))
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", local_files_only=True)
+    assert set(saved_tensors(tmp_path / "model")) == set(saved_tensors(workspace.student))
+
+
+@pytest.mark.slow
+def test_run_distill_killed_with_sigkill_resumes_with_its_history(workspace, tmp_path):
+    """kill -9 mid-run (no clean-up of any kind), then re-run: the same student and the same logged
+    history as an uninterrupted run, each step once; the on-policy terms (every 3 steps) are logged
+    with their latest value across the resume too."""
+    onpolicy = OnPolicyConfig(enabled=True, every=3, batch_size=2, max_new_tokens=3)
+    cfg = tiny_distill(
+        train=dataclasses.replace(tiny_distill().train, steps=6, checkpoint_every=2), onpolicy=onpolicy
+    )
+    run_distill(cfg, workspace.cache_cfg, StudentConfig(), **inputs(workspace, tmp_path / "ref"))
+    out = tmp_path / "killed"
+    args = ("distill", str(out), worker_args(workspace, cfg))
+    killed = run_worker(*args, "--kill-at", "5", procs=1, timeout=400)  # steps 0-4 done, checkpointed at 4
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert json.loads((out / "checkpoints/checkpoint/progress.json").read_text())["step"] == 4
+    assert [s for s, _ in logged_rows(out / "dvclive")["loss"]] == [1, 2, 3, 4, 5]
+    resumed = run_worker(*args, procs=1, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4 of 6" in resumed.stdout
+    summary = torch.load(out / "rank0.pt", weights_only=False)["summary"]
+    assert (summary["resumed_from"], summary["steps_run"], summary["steps"]) == (4, 2, 6)
+    reference, again = saved_tensors(tmp_path / "ref/model"), saved_tensors(out / "model")
+    assert set(again) == set(reference) and all(torch.equal(reference[k], again[k]) for k in reference)
+    history = logged_rows(out / "dvclive")
+    assert history == logged_rows(tmp_path / "ref/dvclive")
+    assert [s for s, _ in history["onpolicy_single"]] == [1, 2, 3, 4, 5, 6]
 
 
 # ------------------------------------------------------------------------------------ benchmark

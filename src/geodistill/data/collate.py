@@ -1,4 +1,5 @@
-"""From shard samples to model batches: a deterministic record stream and the collate function.
+"""From shard samples to model batches: a deterministic record stream, the collate functions, and the
+left padding of prompts that generation (evaluation, on-policy sampling) uses.
 
 Training streams records out of the shards of this rank, shuffles them with a seeded buffer (the same
 seed gives the same batch order, so baseline, control and distilled student see identical data), and
@@ -173,3 +174,14 @@ def collate_text(
         input_ids[i, : len(r)] = torch.tensor(r)
         labels[i, : len(r)] = torch.tensor(r)
     return input_ids, labels
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the left so every prompt ends at the last column."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, t - len(r) :] = 1
+    return ids, mask

@@ -23,25 +23,20 @@ from torch import nn
 from geodistill.cache.fingerprint import cache_fingerprint
 from geodistill.cache.store import CacheReader, record_key
 from geodistill.config import CacheConfig, DistillConfig, StudentConfig
-from geodistill.data.collate import Batch, Example, collate_text, shuffled_batches
+from geodistill.data.collate import IGNORE, Batch, Example, collate_text, left_pad, shuffled_batches
 from geodistill.data.prepare import read_pretrain
 from geodistill.data.shards import load_manifest
 from geodistill.data.template import encode_conversation
 from geodistill.distill.losses import distill_kl, feature_align_loss, lm_loss, make_adapter
 from geodistill.distill.onpolicy import mixed_sample, onpolicy_losses
-from geodistill.distill.sft import Collator, heldout_loss, prepare_trainable, run_key, val_batches
-from geodistill.distill.train import clear_checkpoint, dvclive_logger, run_loop
+from geodistill.distill.sft import Collator, RunPaths, finish_run, prepare_trainable, run_key
+from geodistill.distill.train import RunLog, run_loop
 from geodistill.distributed import Dist
-from geodistill.errors import CacheError, ModelError
-from geodistill.eval.generate import left_pad
-from geodistill.models.checkpoints import (
-    load_for_training,
-    model_fingerprint,
-    save_llava,
-    write_fingerprint,
-)
-from geodistill.models.llava import capture_projector, merge_lora, num_image_tokens, unwrap
+from geodistill.errors import CacheError, ConfigError, ModelError
+from geodistill.models.checkpoints import load_for_training, model_fingerprint
+from geodistill.models.llava import capture_projector, num_image_tokens, unwrap
 from geodistill.models.tokenizer import check_compatible, tokenizer_hash
+from geodistill.models.transform import ImageTransform
 
 
 class KDModule(nn.Module):
@@ -71,7 +66,7 @@ def gather_targets(reader: CacheReader, examples: Sequence[Example], batch: Batc
     it then uses the first n cached rows. It can never see more with the same tokenizer and template
     (both in the cache fingerprint); if it does, the cache is stale.
     """
-    kl_mask = batch.labels[:, 1:] != -100  # (B, T-1): position t predicts token t+1
+    kl_mask = batch.labels[:, 1:] != IGNORE  # (B, T-1): position t predicts token t+1
     rows = reader.tokens([record_key(ex.sample_key, ex.index) for ex in examples])
     ids, lps = [], []
     for b, (row, ex) in enumerate(zip(rows, examples, strict=True)):
@@ -127,7 +122,7 @@ def pretrain_batch(texts: Sequence[str], rng: random.Random, n: int, tok, max_le
     """A random L_PT batch: (ids, attention mask, labels)."""
     chosen = [texts[rng.randrange(len(texts))] for _ in range(n)]
     ids, labels = collate_text(chosen, tok, max_len, tok.pad_token_id)
-    return ids, (labels != -100).long(), labels
+    return ids, (labels != IGNORE).long(), labels
 
 
 def onpolicy_terms(
@@ -167,6 +162,69 @@ def onpolicy_terms(
     return {f"onpolicy_{k}": v for k, v in out.items()}
 
 
+def pretrain_texts(prepared: Path, cfg: DistillConfig) -> list[str]:
+    """The L_PT corpus ``prepared/pretrain.jsonl`` ([] when ``pt_weight`` is 0, without reading it).
+
+    An empty corpus with ``pt_weight > 0`` is an error, not a warning: the run would record an objective
+    (params.yaml) that it never trained, and experiments compared on it would differ in name only.
+    """
+    if cfg.pt_weight <= 0:
+        return []
+    texts = read_pretrain(prepared)
+    if not texts:
+        raise ConfigError(
+            f"distill.pt_weight is {cfg.pt_weight} but the L_PT corpus {prepared / 'pretrain.jsonl'} is "
+            "empty: set distill.pt_weight: 0, or give a pretraining corpus (data.geochat.pretrain_jsonl)"
+        )
+    return texts
+
+
+def load_teacher(teacher_dir: Path, tok, transform: ImageTransform) -> nn.Module:
+    """The frozen live teacher for the on-policy terms; it must tokenise and preprocess as the student."""
+    teacher, teacher_tok, teacher_transform = load_for_training(teacher_dir)
+    check_compatible(teacher_tok, tok)
+    if teacher_transform != transform:
+        raise ModelError(
+            f"teacher and student preprocess images differently ({teacher_transform} vs {transform})"
+        )
+    return teacher.eval().requires_grad_(False)
+
+
+@dataclass
+class DistillStep:
+    """``run_loop``'s step for distillation: the cached terms every step, the on-policy ones every N."""
+
+    kd: KDModule
+    reader: CacheReader
+    collator: Collator
+    cfg: DistillConfig
+    pooling: int
+    pt_texts: list[str]
+    teacher: nn.Module | None
+    generator: torch.Generator
+    rank: int
+
+    def __call__(self, examples: list[Example], step: int) -> dict[str, torch.Tensor]:
+        cfg, tok = self.cfg, self.collator.tok
+        batch = self.collator(examples)
+        targets = gather_targets(self.reader, examples, batch)
+        # Seeded by step, not one running RNG: a resumed run draws the same L_PT batches.
+        rng = random.Random(f"pt-{cfg.train.seed}-{self.rank}-{step}")
+        pt = None
+        if self.pt_texts:
+            pt = pretrain_batch(self.pt_texts, rng, cfg.pt_batch_size, tok, cfg.train.max_len)
+        terms = offline_terms(self.kd, batch, targets, cfg, self.pooling, pt)
+        if self.teacher is not None and step % cfg.onpolicy.every == 0:
+            sub = examples[: cfg.onpolicy.batch_size]
+            pixels = batch.pixel_values[: len(sub)]
+            extra = onpolicy_terms(
+                self.kd, self.teacher, sub, pixels, cfg, tok, self.collator.n_img, self.generator
+            )
+            terms.update(extra)
+            terms["loss"] = terms["loss"] + extra["onpolicy_total"]
+        return terms
+
+
 def run_distill(
     cfg: DistillConfig,
     cache_cfg: CacheConfig,
@@ -176,10 +234,16 @@ def run_distill(
     cache_path: Path,
     base_dir: Path,
     teacher_dir: Path,
-    out: Path,
-    name: str = "distill",
+    prepared: Path,
+    paths: RunPaths,
 ) -> dict[str, Any]:
-    """Distil the baseline in ``base_dir`` into ``out`` from the cache (+ the live teacher if on-policy)."""
+    """Distil the baseline in ``base_dir`` into ``paths.out`` from the cache (+ the live teacher if
+    on-policy); ``prepared`` holds the L_PT corpus (``pretrain.jsonl``).
+
+    Resumable from ``paths.checkpoints``; ends with ``finish_run`` (the feature adapter is dropped: it is
+    not part of the student).
+    """
+    pt_texts = pretrain_texts(prepared, cfg)  # first: an unusable corpus fails before anything loads
     train = cfg.train
     torch.manual_seed(train.seed)  # before the feature adapter and LoRA are initialised: same run, same init
     student, tok, transform = load_for_training(base_dir)
@@ -196,66 +260,26 @@ def run_distill(
     adapter = make_adapter(unwrap(student).config.text_config.hidden_size, d_teacher)
     student = prepare_trainable(student, student_cfg)
     kd = KDModule(student, adapter)
-
-    teacher = None
-    if cfg.onpolicy.enabled:  # the only reason to load the teacher model at all
-        teacher, teacher_tok, teacher_transform = load_for_training(teacher_dir)
-        check_compatible(teacher_tok, tok)
-        if teacher_transform != transform:
-            raise ModelError(
-                f"teacher and student preprocess images differently ({teacher_transform} vs {transform})"
-            )
-        teacher.eval().requires_grad_(False)
-
+    # the on-policy terms are the only reason to load the teacher model at all
+    teacher = load_teacher(teacher_dir, tok, transform) if cfg.onpolicy.enabled else None
     collator = Collator(tok, transform, n_img, train.max_len)
-    pt_texts = read_pretrain(Path("data/prepared")) if cfg.pt_weight > 0 else []
     d = Dist.from_env()
     generator = torch.Generator().manual_seed(train.seed + 1000 * d.rank)
-
-    def step_fn(examples: list[Example], step: int) -> dict[str, torch.Tensor]:
-        batch = collator(examples)
-        targets = gather_targets(reader, examples, batch)
-        # Seeded by step, not one running RNG: a resumed run draws the same L_PT batches.
-        rng = random.Random(f"pt-{train.seed}-{d.rank}-{step}")
-        pt = pretrain_batch(pt_texts, rng, cfg.pt_batch_size, tok, train.max_len) if pt_texts else None
-        terms = offline_terms(kd, batch, targets, cfg, cache_cfg.pooling, pt)
-        if teacher is not None and step % cfg.onpolicy.every == 0:
-            sub = examples[: cfg.onpolicy.batch_size]
-            extra = onpolicy_terms(
-                kd, teacher, sub, batch.pixel_values[: len(sub)], cfg, tok, n_img, generator
-            )
-            terms.update(extra)
-            terms["loss"] = terms["loss"] + extra["onpolicy_total"]
-        return terms
-
-    log, live = dvclive_logger(Path("dvclive") / name)
+    step = DistillStep(kd, reader, collator, cfg, cache_cfg.pooling, pt_texts, teacher, generator, d.rank)
+    key = run_key("student_kd", cfg, cache_cfg, student_cfg, expected, model_fingerprint(base_dir))
+    log = RunLog(paths.log_dir)
     batches = shuffled_batches(
         shards / "train", train.batch_size, train.seed, rank=d.rank, world_size=d.world_size
     )
-    key = run_key(name, cfg, cache_cfg, student_cfg, expected, model_fingerprint(base_dir))
-    ckpt = Path("checkpoints") / name
     result = run_loop(
         kd,
         batches,
-        step_fn,
+        step,
         train,
-        ckpt,
+        paths.checkpoints,
         logger=log,
         generator=generator,
         deepspeed_stage=cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else None,
         run_key=key,
     )
-    final = merge_lora(kd.student)  # the adapter is dropped: it is not part of the student
-    val = heldout_loss(final, val_batches(shards / "val", collator, train.batch_size), max_batches=40)
-    for k, v in val.items():
-        live.summary[f"val_{k}"] = v
-    live.end()
-    if d.is_main:
-        save_llava(final, tok, transform, out)
-        write_fingerprint(out)
-    clear_checkpoint(ckpt)
-    summary = {"steps": result.steps, "seconds": round(result.seconds, 1),
-               "skipped_nonfinite": result.skipped_nonfinite, "train": result.last, "val": val}  # fmt: skip
-    print(f"{name}: {result.steps} steps in {result.seconds:.0f} s; val loss {val['loss']:.4f}, "
-          f"token acc {val['token_acc']:.4f}")  # fmt: skip
-    return summary
+    return finish_run(kd.student, collator, train, result, log, shards / "val", paths)

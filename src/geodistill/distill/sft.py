@@ -1,11 +1,16 @@
 """Supervised fine-tuning on ground truth: the teacher (embedded default), the baseline student and
-the equal-compute control all train through this, on the shared loop in ``train.py``."""
+the equal-compute control all train through this, on the shared loop in ``train.py``.
+
+Also what every training stage (distillation too) shares around that loop: the paths a stage passes,
+the run key, the collator, the held-out loss and ``finish_run``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +18,9 @@ import torch
 from torch import nn
 
 from geodistill.config import StudentConfig, TrainConfig
-from geodistill.data.collate import Batch, Example, collate, iter_examples, shuffled_batches
+from geodistill.data.collate import IGNORE, Batch, Example, collate, iter_examples, shuffled_batches
 from geodistill.distill.losses import lm_loss
-from geodistill.distill.train import LoopResult, clear_checkpoint, dvclive_logger, run_loop
+from geodistill.distill.train import LoopResult, RunLog, clear_checkpoint, run_loop
 from geodistill.distributed import Dist
 from geodistill.models.checkpoints import load_for_training, save_llava, write_fingerprint
 from geodistill.models.llava import (
@@ -30,6 +35,18 @@ from geodistill.models.tokenizer import check_compatible
 from geodistill.models.transform import ImageTransform
 
 
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one training run writes; the stage chooses every path."""
+
+    out: Path
+    """The trained model (a DVC output), with ``fingerprint.json`` and ``train_summary.json``."""
+    log_dir: Path
+    """dvclive metrics and plots (the pipeline's: ``dvclive/<model name>``)."""
+    checkpoints: Path
+    """Resumable state. Not a DVC output: DVC deletes those before it re-runs a stage."""
+
+
 def run_key(*parts: Any) -> str:
     """A stable hash of everything that defines a run (configs, input hashes)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
@@ -38,7 +55,7 @@ def run_key(*parts: Any) -> str:
 class Collator:
     """Examples -> Batch for one model's tokenizer and image transform."""
 
-    def __init__(self, tok, transform: Callable, num_image_tokens: int, max_len: int) -> None:
+    def __init__(self, tok, transform: ImageTransform, num_image_tokens: int, max_len: int) -> None:
         self.tok, self.transform, self.n_img, self.max_len = tok, transform, num_image_tokens, max_len
 
     def __call__(self, examples: list[Example]) -> Batch:
@@ -69,7 +86,7 @@ def heldout_loss(model: nn.Module, batches: Iterator[Batch], max_batches: int) -
             break
         logits = forward(model, batch)[:, :-1]
         labels = batch.labels[:, 1:]
-        m = labels != -100
+        m = labels != IGNORE
         ce = torch.nn.functional.cross_entropy(logits[m], labels[m], reduction="sum")
         total_ce += float(ce)
         total_ok += int((logits[m].argmax(-1) == labels[m]).sum())
@@ -88,35 +105,6 @@ def val_batches(shard_dir: Path, collator: Collator, batch_size: int) -> Iterato
             chunk = []
     if chunk:
         yield collator(chunk)
-
-
-def train_sft(
-    model: nn.Module,
-    collator: Collator,
-    shard_dir: Path,
-    cfg: TrainConfig,
-    ckpt_dir: Path,
-    *,
-    logger: Callable[[int, dict[str, float]], None] | None = None,
-    key: str = "",
-    deepspeed_stage: int | None = None,
-) -> LoopResult:
-    """SFT ``model`` in place for ``cfg.steps`` steps; resumable from ``ckpt_dir``."""
-    d = Dist.from_env()
-    torch.manual_seed(cfg.seed)
-    raw = shuffled_batches(shard_dir, cfg.batch_size, cfg.seed, rank=d.rank, world_size=d.world_size)
-    result = run_loop(
-        model,
-        raw,
-        lambda examples, _step: sft_step(model, collator(examples)),
-        cfg,
-        ckpt_dir,
-        logger=logger,
-        deepspeed_stage=deepspeed_stage,
-        run_key=key,
-    )
-    clear_checkpoint(ckpt_dir)
-    return result
 
 
 def make_student(cfg: StudentConfig, tok) -> tuple[nn.Module, ImageTransform]:
@@ -139,43 +127,72 @@ def prepare_trainable(model: nn.Module, cfg: StudentConfig) -> nn.Module:
     return model
 
 
+def finish_run(
+    model: nn.Module,
+    collator: Collator,
+    cfg: TrainConfig,
+    result: LoopResult,
+    log: RunLog,
+    val_dir: Path,
+    paths: RunPaths,
+) -> dict[str, Any]:
+    """The end of every training stage, once ``run_loop`` returned ``result`` for ``model``.
+
+    Merges LoRA, measures the held-out loss on ``val_dir``, closes the log, saves the model with its
+    fingerprint and ``train_summary.json`` (rank 0), clears the resumable checkpoint, prints one line
+    and returns the summary. Steps run by this process and steps resumed from a checkpoint are counted
+    apart; ``seconds`` is this process's training time.
+    """
+    model = merge_lora(model)
+    val = heldout_loss(model, val_batches(val_dir, collator, cfg.batch_size), max_batches=40)
+    log.end({f"val_{k}": v for k, v in val.items()})
+    summary = {
+        "steps": result.steps,
+        "steps_run": result.steps - result.resumed_from,
+        "resumed_from": result.resumed_from,
+        "seconds": round(result.seconds, 1),
+        "skipped_nonfinite": result.skipped_nonfinite,
+        "train": result.last,
+        "val": val,
+    }
+    if Dist.from_env().is_main:
+        save_llava(model, collator.tok, collator.transform, paths.out)
+        write_fingerprint(paths.out)
+        (paths.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    clear_checkpoint(paths.checkpoints)
+    resumed = f" (resumed from step {result.resumed_from} of {result.steps})" if result.resumed_from else ""
+    print(
+        f"{paths.out.name}: {summary['steps_run']} steps in {result.seconds:.0f} s{resumed}; "
+        f"val loss {val['loss']:.4f}, token acc {val['token_acc']:.4f}"
+    )
+    return summary
+
+
 def sft_stage(
     model: nn.Module,
     tok,
     transform: ImageTransform,
     cfg: TrainConfig,
     shards: Path,
-    out: Path,
+    paths: RunPaths,
     *,
-    name: str,
     key: str,
 ) -> dict[str, Any]:
-    """Train by SFT, save a plain-transformers checkpoint with its fingerprint, return metrics.
-
-    Logs to ``dvclive/<name>``; resumable checkpoints live in ``checkpoints/<name>`` (not a DVC output).
-    """
+    """Train by SFT on ``shards/train``, then ``finish_run``; resumable from ``paths.checkpoints``."""
+    d = Dist.from_env()
     collator = Collator(tok, transform, num_image_tokens(unwrap(model).config), cfg.max_len)
-    log, live = dvclive_logger(Path("dvclive") / name)
-    result = train_sft(
-        model, collator, shards / "train", cfg, Path("checkpoints") / name, logger=log, key=key
+    torch.manual_seed(cfg.seed)
+    batches = shuffled_batches(
+        shards / "train", cfg.batch_size, cfg.seed, rank=d.rank, world_size=d.world_size
     )
-    model = merge_lora(model)
-    val = heldout_loss(model, val_batches(shards / "val", collator, cfg.batch_size), max_batches=40)
-    for k, v in val.items():
-        live.summary[f"val_{k}"] = v
-    live.end()
-    if Dist.from_env().is_main:
-        save_llava(model, tok, transform, out)
-        write_fingerprint(out)
-    summary = {
-        "steps": result.steps,
-        "seconds": round(result.seconds, 1),
-        "skipped_nonfinite": result.skipped_nonfinite,
-        "train": result.last,
-        "val": val,
-    }
-    print(
-        f"{name}: {result.steps} steps in {result.seconds:.0f} s; val loss {val['loss']:.4f}, "
-        f"token acc {val['token_acc']:.4f}"
+    log = RunLog(paths.log_dir)
+    result = run_loop(
+        model,
+        batches,
+        lambda examples, _step: sft_step(model, collator(examples)),
+        cfg,
+        paths.checkpoints,
+        logger=log,
+        run_key=key,
     )
-    return summary
+    return finish_run(model, collator, cfg, result, log, shards / "val", paths)

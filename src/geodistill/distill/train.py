@@ -3,31 +3,37 @@
 The loop knows nothing about losses: a ``step_fn(batch, step) -> {"loss": tensor, **terms}`` computes
 them. It owns what every run needs identically: AdamW with warm-up + cosine decay, gradient clipping,
 skipping (and counting) non-finite losses with an abort past a limit, atomic checkpoints with exact
-resume (model, optimizer, RNG and data position), dvclive logging, and optional DDP / DeepSpeed ZeRO.
+resume (model, optimizer, RNG, data position and the logged history), and optional DDP / DeepSpeed ZeRO.
+``RunLog`` is the logger the stages use (dvclive).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from geodistill.config import TrainConfig
 from geodistill.distributed import Dist
 from geodistill.errors import TrainingError
 
-B = TypeVar("B")
 StepFn = Callable[[Any, int], dict[str, torch.Tensor]]
+Logger = Callable[[int, dict[str, float]], None]
 CKPT = "checkpoint"
+PROGRESS = "progress.json"
+"""{"run_key", "step", "tag"}, written last into a checkpoint folder: which run it resumes, from where
+(readable without loading the weights)."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -42,18 +48,123 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 @dataclass
 class LoopResult:
     steps: int
+    """The step the run ended at (``cfg.steps``)."""
+    resumed_from: int
+    """The step this process started at: 0, or where it resumed a killed run's checkpoint."""
     skipped_nonfinite: int
+    """Steps skipped for a non-finite loss, over the whole run (before a resume too)."""
     seconds: float
+    """Training time of this process (its ``steps - resumed_from`` steps)."""
     last: dict[str, float] = field(default_factory=dict)
+    """The values of the last step."""
     history: list[dict[str, float]] = field(default_factory=list)
+    """Every logged row of the run, from step 1 (after a resume, the checkpoint's rows first)."""
 
 
-def _rng_state(generator: torch.Generator | None) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "generator": None if generator is None else generator.get_state(),
-    }
+@dataclass
+class _Progress:
+    """What a checkpoint holds besides weights and optimizer state."""
+
+    step: int = 0
+    skipped: int = 0
+    latest: dict[str, float] = field(default_factory=dict)
+    """Each term's latest value: a term computed every N steps only (on-policy) rarely falls on a logged
+    step, so it is logged with its latest value, which a resumed run must know too."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Every row logged so far. A resumed run hands them to its logger again: DVC deletes a stage's
+    outputs (the dvclive folder too) before it re-runs it, so the checkpoint is where they survive."""
+
+
+class StepModule(nn.Module):
+    """``step_fn`` as the forward of a module holding everything trained: what DDP and DeepSpeed wrap.
+
+    DDP averages the gradients of whatever one forward of its module computed, so a step may call any
+    submodule any number of times (KD calls the student on the batch and on the L_PT texts, and the
+    feature adapter) and still be one forward.
+    """
+
+    def __init__(self, module: nn.Module, step_fn: StepFn) -> None:
+        super().__init__()
+        self.module = module
+        self.step_fn = step_fn
+
+    def forward(self, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        return self.step_fn(batch, step)
+
+
+@dataclass
+class _Trainer:
+    """The optimizer and what runs a step: the StepModule, DDP around it, or a DeepSpeed engine."""
+
+    module: nn.Module
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    run_step: nn.Module
+    engine: Any = None
+
+
+def _setup(
+    module: nn.Module, step_fn: StepFn, cfg: TrainConfig, deepspeed_stage: int | None, dctx: Dist
+) -> _Trainer:
+    """AdamW over what is trainable in ``module``, and what runs a step in this process group."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("nothing to train: every parameter is frozen")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    run_step: nn.Module = StepModule(module, step_fn)
+    if deepspeed_stage is not None:
+        import deepspeed  # optional: imported only when asked for
+
+        ds_cfg = {
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": deepspeed_stage},
+            "zero_allow_untested_optimizer": True,
+            "fp16": {"enabled": False},
+            "bf16": {"enabled": False},
+            "steps_per_print": 10**9,
+        }
+        engine, opt, _, _ = deepspeed.initialize(model=run_step, optimizer=opt, config=ds_cfg)
+        return _Trainer(module, params, opt, engine, engine)
+    if dctx.world_size > 1:
+        # Some parameters get no gradient in every step (CLIP's post_layernorm under LLaVA, the feature
+        # adapter when align_weight = 0): DDP must look for them, or its reduction waits for them forever
+        # and fails at the next step.
+        run_step = DistributedDataParallel(run_step, find_unused_parameters=True)
+    return _Trainer(module, params, opt, run_step)
+
+
+def _all_finite(loss: torch.Tensor, dctx: Dist) -> bool:
+    ok = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)  # nccl needs it on the GPU
+    if dctx.world_size > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips together, or none does
+    return bool(ok.item())
+
+
+def _train_step(
+    tr: _Trainer, batch: Any, step: int, cfg: TrainConfig, dctx: Dist
+) -> dict[str, torch.Tensor] | None:
+    """One optimizer step; None (and no update on any rank) when the loss is not finite on some rank."""
+    for g in tr.opt.param_groups:
+        g["lr"] = cfg.lr * lr_factor(step, cfg)
+    terms = tr.run_step(batch, step)
+    loss = terms["loss"]
+    if not _all_finite(loss, dctx):
+        return None  # before backward: DDP and ZeRO have synchronised no gradient yet
+    if tr.engine is not None:
+        tr.engine.backward(loss)  # ZeRO reduces the gradients and clips them in step()
+        tr.engine.step()
+        return terms
+    loss.backward()  # under DDP, the averaged gradients over every rank
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(tr.params, cfg.grad_clip)
+    tr.opt.step()
+    tr.opt.zero_grad(set_to_none=True)
+    return terms
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
 
 
 def _gather_rng(generator: torch.Generator | None, dctx: Dist) -> list[dict[str, Any]]:
@@ -62,7 +173,11 @@ def _gather_rng(generator: torch.Generator | None, dctx: Dist) -> list[dict[str,
     Ranks draw different randomness (e.g. on-policy sampling seeds by rank), so a checkpoint written
     by rank 0 must hold each rank's own state for the resume to be exact.
     """
-    state = _rng_state(generator)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "generator": None if generator is None else generator.get_state(),
+    }
     if dctx.world_size == 1:
         return [state]
     states: list[Any] = [None] * dctx.world_size
@@ -78,57 +193,93 @@ def _restore_rng(states: list[dict[str, Any]], generator: torch.Generator | None
         generator.set_state(state["generator"])
 
 
-def _save_checkpoint(
-    out: Path,
-    module: nn.Module,
-    opt: torch.optim.Optimizer,
-    step: int,
-    skipped: int,
-    rng: list[dict[str, Any]],
-    run_key: str,
-) -> None:
-    """Write to a temporary folder, then swap it in: a kill at any point leaves a usable checkpoint."""
-    tmp, final, old = out / f"{CKPT}.tmp", out / CKPT, out / f"{CKPT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {
-        "run_key": run_key,
-        "step": step,
-        "skipped": skipped,
-        "model": {k: v for k, v in module.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "rng": rng,  # per rank
-    }
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(out: Path) -> dict[str, Any] | None:
-    for name in (CKPT, f"{CKPT}.old"):  # .old survives a kill between the two renames
-        path = out / name / "state.pt"
-        if path.exists():
-            return torch.load(path, weights_only=False, map_location="cpu")
+def _find_checkpoint(out_dir: Path, run_key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint folder of the run ``run_key`` and its progress record, or None."""
+    for name in (CKPT, f"{CKPT}.old"):  # .old survives a kill between the two renames of a plain save
+        path = out_dir / name / PROGRESS
+        if path.exists() and (progress := json.loads(path.read_text()))["run_key"] == run_key:
+            return out_dir / name, progress
     return None
 
 
-def _all_finite(loss: torch.Tensor, dctx: Dist) -> bool:
-    ok = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)  # nccl needs it on the GPU
+def _save(
+    tr: _Trainer, out_dir: Path, progress: _Progress, rng: list[dict[str, Any]], run_key: str, dctx: Dist
+) -> None:
+    """Write a checkpoint that a kill at any point leaves whole: the new one, or the previous one."""
+    client = {**asdict(progress), "rng": rng}
+    record = {"run_key": run_key, "step": progress.step, "tag": f"step{progress.step}"}
+    folder = out_dir / CKPT
+    if tr.engine is not None:  # every rank writes its ZeRO partition into folder/<tag>
+        tr.engine.save_checkpoint(str(folder), tag=record["tag"], client_state=client, save_latest=False)
+        if dctx.world_size > 1:
+            dist.barrier()
+        if dctx.is_main:  # the new tag is complete on every rank: point at it, drop the older ones
+            (folder / PROGRESS).write_text(json.dumps(record))
+            for old in folder.iterdir():
+                if old.is_dir() and old.name != record["tag"]:
+                    shutil.rmtree(old)
+    elif dctx.is_main:  # write a temporary folder, then swap it in
+        tmp, old = out_dir / f"{CKPT}.tmp", out_dir / f"{CKPT}.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {**client, "model": tr.module.state_dict(), "optimizer": tr.opt.state_dict()}
+        torch.save(state, tmp / "state.pt")
+        (tmp / PROGRESS).write_text(json.dumps(record))
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
     if dctx.world_size > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank skips together, or none does
-    return bool(ok.item())
+        dist.barrier()
+
+
+def _resume(
+    tr: _Trainer, out_dir: Path, run_key: str, generator: torch.Generator | None, dctx: Dist
+) -> _Progress:
+    """Load this run's checkpoint from ``out_dir`` if there is one; the progress to continue from."""
+    found = _find_checkpoint(out_dir, run_key)
+    if found is None:
+        return _Progress()
+    folder, record = found
+    if tr.engine is not None:
+        _, client = tr.engine.load_checkpoint(str(folder), tag=record["tag"])
+    else:
+        client = torch.load(folder / "state.pt", weights_only=False, map_location="cpu")
+        tr.module.load_state_dict(client.pop("model"))
+        tr.opt.load_state_dict(client.pop("optimizer"))
+    _restore_rng(client["rng"], generator, dctx)
+    return _Progress(client["step"], client["skipped"], client["latest"], client["history"])
+
+
+def clear_checkpoint(out_dir: Path) -> None:
+    """Remove resumable state once the final model is saved (it is not a pipeline output)."""
+    for name in (CKPT, f"{CKPT}.tmp", f"{CKPT}.old"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+def _record(
+    progress: _Progress, values: dict[str, float], cfg: TrainConfig, logger: Logger | None, dctx: Dist
+) -> None:
+    """Keep a finished step's values; every ``log_every`` steps (and at the end) log them."""
+    progress.latest.update(values)
+    if progress.step % cfg.log_every == 0 or progress.step == cfg.steps:
+        row = {**progress.latest, "step": progress.step}
+        progress.history.append(row)
+        if logger is not None and dctx.is_main:
+            logger(progress.step, row)
 
 
 def run_loop(
     module: nn.Module,
-    batches: Iterator[B],
+    batches: Iterator[Any],
     step_fn: StepFn,
     cfg: TrainConfig,
     out_dir: Path,
     *,
-    logger: Callable[[int, dict[str, float]], None] | None = None,
+    logger: Logger | None = None,
     generator: torch.Generator | None = None,
     deepspeed_stage: int | None = None,
     resume: bool = True,
@@ -141,153 +292,73 @@ def run_loop(
     step function) is checkpointed too. Checkpoints go to ``out_dir/checkpoint`` every
     ``cfg.checkpoint_every`` steps. ``out_dir`` should not be a DVC output (DVC deletes those before a
     re-run); ``run_key`` (a hash of everything that defines the run) keeps a checkpoint of another
-    configuration from being resumed.
+    configuration from being resumed. Under a process group, gradients are averaged by DDP, or by
+    DeepSpeed ZeRO with ``deepspeed_stage``.
     """
     dctx = Dist.from_env()
     dctx.init()
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("nothing to train: every parameter is frozen")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    engine = None
-    if deepspeed_stage is not None:
-        import deepspeed  # optional: imported only when asked for
-
-        ds_cfg = {
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": deepspeed_stage},
-            "zero_allow_untested_optimizer": True,
-            "fp16": {"enabled": False},
-            "bf16": {"enabled": False},
-            "steps_per_print": 10**9,
-        }
-        engine, opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_cfg)
-    elif dctx.world_size > 1:
-        # Gradients are averaged by hand (below) so step_fn may call any submodule, not just forward().
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
-    start, skipped = 0, 0
-    if resume:
-        if engine is not None:
-            ckpt_dir = out_dir / CKPT
-            key_file = ckpt_dir / "run_key.txt"
-            if (ckpt_dir / "latest").exists() and key_file.exists() and key_file.read_text() == run_key:
-                _, client = engine.load_checkpoint(str(ckpt_dir))
-                start, skipped = client["step"], client["skipped"]
-                _restore_rng(client["rng"], generator, dctx)
-        elif (
-            (state := _load_checkpoint(out_dir)) is not None
-            and state.get("run_key") == run_key
-            and "rng" in state
-        ):
-            module.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            _restore_rng(state["rng"], generator, dctx)
-            start, skipped = state["step"], state["skipped"]
+    tr = _setup(module, step_fn, cfg, deepspeed_stage, dctx)
+    progress = _resume(tr, out_dir, run_key, generator, dctx) if resume else _Progress()
+    start, last = progress.step, {}
+    if start and dctx.is_main:
+        print(f"resumed from step {start} of {cfg.steps} ({out_dir / CKPT})", flush=True)
+        if logger is not None:
+            for row in progress.history:  # what the killed process logged up to the checkpoint
+                logger(int(row["step"]), row)
     for _ in range(start):  # same data position as the uninterrupted run
         next(batches)
-
-    module.train()
-    result = LoopResult(start, skipped, 0.0)
-    # Terms computed every N steps only (on-policy) rarely fall on a logged step: log their latest value.
-    latest: dict[str, float] = {}
+    tr.run_step.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg)
-        batch = next(batches)
-        terms = step_fn(batch, step)
-        loss = terms["loss"]
-        if not _all_finite(loss, dctx):
-            skipped += 1
-            opt.zero_grad(set_to_none=True)
-            if skipped > cfg.max_nonfinite:
+        terms = _train_step(tr, next(batches), step, cfg, dctx)
+        if terms is None:
+            progress.skipped += 1
+            if progress.skipped > cfg.max_nonfinite:
                 raise TrainingError(
-                    f"{skipped} non-finite losses (limit train.max_nonfinite={cfg.max_nonfinite}) "
+                    f"{progress.skipped} non-finite losses (limit train.max_nonfinite={cfg.max_nonfinite}) "
                     f"at step {step}; lower the learning rate or check the inputs"
                 )
             continue
-        if engine is not None:
-            engine.backward(loss)
-            engine.step()
-        else:
-            loss.backward()
-            if dctx.world_size > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad /= dctx.world_size
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        done = step + 1
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        values["lr"] = opt.param_groups[0]["lr"]
-        result.last = values
-        latest.update(values)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            values = dict(latest)
-            values["step"] = done
-            result.history.append(values)
-            if logger is not None and dctx.is_main:
-                logger(done, values)
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            rng = _gather_rng(generator, dctx)
-            if engine is not None:
-                client = {"step": done, "skipped": skipped, "rng": rng}
-                engine.save_checkpoint(str(out_dir / CKPT), client_state=client)
-                if dctx.is_main:
-                    (out_dir / CKPT / "run_key.txt").write_text(run_key)
-            elif dctx.is_main:
-                _save_checkpoint(out_dir, module, opt, done, skipped, rng, run_key)
-            if dctx.world_size > 1:
-                dist.barrier()
-    result.steps = cfg.steps
-    result.skipped_nonfinite = skipped
-    result.seconds = time.perf_counter() - t0
-    return result
+        progress.step = step + 1
+        last = {k: float(v.detach()) for k, v in terms.items()} | {"lr": tr.opt.param_groups[0]["lr"]}
+        _record(progress, last, cfg, logger, dctx)
+        if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.step < cfg.steps:
+            _save(tr, out_dir, progress, _gather_rng(generator, dctx), run_key, dctx)
+    seconds = time.perf_counter() - t0
+    return LoopResult(cfg.steps, start, progress.skipped, seconds, last, progress.history)
 
 
-def clear_checkpoint(out_dir: Path) -> None:
-    """Remove resumable state once the final model is saved (it is not a pipeline output)."""
-    for name in (CKPT, f"{CKPT}.tmp", f"{CKPT}.old"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
+# ---------------------------------------------------------------------------------------- dvclive
 
 
-def dvclive_logger(
-    directory: str | Path, resume: bool = False
-) -> tuple[Callable[[int, dict[str, float]], None], Any]:
-    """A logger for ``run_loop`` writing dvclive metrics and plots to ``directory``; returns (log, live).
+class RunLog:
+    """A ``run_loop`` logger writing dvclive metrics and plots to ``directory``.
 
-    Call ``live.end()`` after training. DVC itself tracks the folder (dvc.yaml), so dvclive must not
-    create experiments or edit dvc.yaml. Only rank 0 writes: other ranks get a logger that keeps
-    nothing, so they never race on the same files.
+    The folder starts anew with every process: a resumed ``run_loop`` logs the checkpoint's history
+    again first, so each step is in it once, as in an uninterrupted run (only the timestamps of those
+    rows are the resume's). DVC tracks the folder itself (dvc.yaml), so dvclive must not create
+    experiments or edit dvc.yaml. Only rank 0 writes: other ranks keep nothing, so they never race on
+    the same files.
     """
-    from dvclive import Live
 
-    if not Dist.from_env().is_main:
-        return (lambda _step, _values: None), _NullLive()
-    live = Live(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    def __init__(self, directory: Path) -> None:
+        self.live: Any = None
+        if Dist.from_env().is_main:
+            from dvclive import Live
 
-    def log(step: int, values: dict[str, float]) -> None:
-        live.step = step
+            self.live = Live(str(directory), save_dvc_exp=False, dvcyaml=None)
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        self.live.step = step
         for name, value in values.items():
             if name != "step":
-                live.log_metric(name, value)
+                self.live.log_metric(name, value)
 
-    return log, live
-
-
-class _NullLive:
-    """What non-zero ranks get instead of a dvclive.Live."""
-
-    def __init__(self) -> None:
-        self.summary: dict[str, Any] = {}
-
-    def end(self) -> None:
-        pass
+    def end(self, summary: dict[str, float]) -> None:
+        """Write the final values (``metrics.json``) with ``summary`` added."""
+        if self.live is None:
+            return
+        self.live.summary.update(summary)
+        self.live.end()

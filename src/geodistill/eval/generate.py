@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from geodistill.data.collate import left_pad
 from geodistill.data.records import Turn
 from geodistill.data.template import encode_conversation
 from geodistill.files import open_image
@@ -26,17 +27,6 @@ class Prompt:
     def pil(self) -> Image.Image:
         """The image as RGB; an unreadable file is a DataError naming it."""
         return self.image if isinstance(self.image, Image.Image) else open_image(self.image)
-
-
-def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, padded on the left so every prompt ends at the last column."""
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, t - len(r) :] = 1
-    return ids, mask
 
 
 def clean_decode(tok, ids: Sequence[int]) -> str:
