@@ -17,7 +17,6 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from geodistill.cache.codec import Encoding
 from geodistill.errors import ConfigError
 
 T = TypeVar("T")
@@ -264,6 +263,11 @@ class TeacherConfig:
 
     def problems(self) -> list[str]:
         return ["teacher.source 'path' needs teacher.path"] if self.source == "path" and not self.path else []
+
+
+Encoding = Literal["float32", "float16", "uint8_log"]
+"""The top-k value encodings of the teacher cache (implemented in geodistill.cache.codec; defined here so
+that reading a config imports neither the codec nor numpy, and no stage depends on the codec's code)."""
 
 
 @dataclass(frozen=True)

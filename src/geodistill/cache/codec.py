@@ -57,14 +57,12 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from typing import Literal
 
 import numpy as np
 
+from geodistill.config import Encoding
 from geodistill.errors import CacheError
 
-Encoding = Literal["float32", "float16", "uint8_log"]
-"""The value encodings (``CacheConfig.encoding`` is typed with it)."""
 ENCODINGS: tuple[Encoding, ...] = typing.get_args(Encoding)
 
 LOGPROB_FLOOR = -1.0e4
