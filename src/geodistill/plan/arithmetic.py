@@ -96,11 +96,10 @@ def train_flops(m: ModelShape, plan: RunPlan) -> float:
     vision_trains = not plan.freeze_vision
     patch_embedding = 2 * (m.vision_tokens - 1) * m.patch_macs
     _, first_in, first_out = m.projector_linears[0]
-    projector_input_grad = fwd.projector - 2 * m.image_tokens * first_in * first_out
+    into_tower = 0 if vision_trains else 2 * m.image_tokens * first_in * first_out
     backward = (
         (2 * fwd.vision - patch_embedding if vision_trains else 0.0)
-        + fwd.projector
-        + (fwd.projector if vision_trains else projector_input_grad)
+        + 2 * fwd.projector - into_tower  # weight gradients + input gradients
         + (fwd.linear - adapters) * (2 if full else 1)
         + 2 * adapters
         + 2 * fwd.attention
