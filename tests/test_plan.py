@@ -219,6 +219,8 @@ def test_teacher_memory_by_hand():
     assert plain["weights"] == 2830 * 2
     assert plain["activations (one layer at a time)"] == 3 * 10 * 120 * 2 + 3 * 5 * (8 * 6 + 2 * 12) * 2
     assert reuse["KV cache (prefix expanded to the batch)"] == 2 * 2 * 3 * 10 * 4 * 2
+    student_lora = dataclasses.replace(plan, lora_r=8, lora_dropout=0.1)
+    assert A.teacher_memory(m, student_lora, reuse=False) == plain  # LoRA is the student's only
     eager = A.teacher_memory(m, dataclasses.replace(plan, attention="eager"), reuse=False)
     extra = eager["activations (one layer at a time)"] - plain["activations (one layer at a time)"]
     assert extra == 3 * 2 * 10 * 10 * (4 + 2)

@@ -96,11 +96,10 @@ def train_flops(m: ModelShape, plan: RunPlan) -> float:
     vision_trains = not plan.freeze_vision
     patch_embedding = 2 * (m.vision_tokens - 1) * m.patch_macs
     _, first_in, first_out = m.projector_linears[0]
-    projector_input_grad = fwd.projector - 2 * m.image_tokens * first_in * first_out
+    into_tower = 0 if vision_trains else 2 * m.image_tokens * first_in * first_out
     backward = (
         (2 * fwd.vision - patch_embedding if vision_trains else 0.0)
-        + fwd.projector
-        + (fwd.projector if vision_trains else projector_input_grad)
+        + 2 * fwd.projector - into_tower  # weight gradients + input gradients
         + (fwd.linear - adapters) * (2 if full else 1)
         + 2 * adapters
         + 2 * fwd.attention
@@ -140,17 +139,23 @@ def trainable_params(m: ModelShape, plan: RunPlan) -> int:
     return out
 
 
-def decoder_layer_bytes(m: ModelShape, batch: int, tokens: int, nbytes: int, plan: RunPlan) -> int:
+def lora_dropout_inputs(m: ModelShape, plan: RunPlan) -> int:
+    """Values per token per decoder layer that LoRA dropout keeps (each adapter's dropped input)."""
+    if not plan.lora_r or plan.lora_dropout == 0:
+        return 0
+    return sum(i for n, i, _ in m.decoder_linears if n.rsplit(".", 1)[-1] in plan.lora_targets)
+
+
+def decoder_layer_bytes(
+    m: ModelShape, batch: int, tokens: int, nbytes: int, attention: str, dropped: int = 0
+) -> int:
     """What one Llama decoder layer keeps for backward, ``batch`` sequences of ``tokens``: per token the two
     RMSNorm inputs and outputs (4h), q and the attention output (2 x heads*head_dim), k and v (2 x kv width),
-    gate, SiLU(gate), up and their product (4 x intermediate); with LoRA dropout each adapter's dropped
-    input (+ a 1-byte mask); eager attention adds the softmax output per head (fp32 + its cast)."""
+    gate, SiLU(gate), up and their product (4 x intermediate), ``dropped`` LoRA dropout inputs (+ a 1-byte
+    mask each); eager attention adds the softmax output per head (fp32 + its cast)."""
     per_token = 4 * m.hidden + 2 * m.attn_width + 2 * m.kv_width + 4 * m.intermediate
-    out = batch * tokens * per_token * nbytes
-    if plan.lora_r and plan.lora_dropout > 0:
-        dropped = sum(i for n, i, _ in m.decoder_linears if n.rsplit(".", 1)[-1] in plan.lora_targets)
-        out += batch * tokens * dropped * (nbytes + 1)
-    if plan.attention == "eager":
+    out = batch * tokens * (per_token * nbytes + dropped * (nbytes + 1))
+    if attention == "eager":
         out += batch * m.heads * tokens * tokens * (4 + nbytes)
     return out
 
@@ -174,7 +179,7 @@ def train_memory(m: ModelShape, plan: RunPlan, teacher: ModelShape | None = None
     if plan.zero == 3:
         weights = weights / plan.gpus + m.largest_module * nb
     b, t = plan.micro_batch, record_tokens(m, plan)
-    layer = decoder_layer_bytes(m, b, t, nb, plan)
+    layer = decoder_layer_bytes(m, b, t, nb, plan.attention, lora_dropout_inputs(m, plan))
     decoder = m.layers * b * t * m.hidden * nb + layer if plan.checkpointing else m.layers * layer
     vision = 0 if plan.freeze_vision else m.vision_layers * _vision_layer_bytes(m, b, nb)
     projector = b * m.image_tokens * (m.vision_hidden + 2 * m.hidden) * nb  # input, linear_1 out, GELU out
@@ -197,7 +202,7 @@ def teacher_memory(t: ModelShape, plan: RunPlan, *, reuse: bool) -> dict[str, fl
     tokens = record_tokens(t, plan)
     out = {
         "weights": t.total * nb,
-        "activations (one layer at a time)": decoder_layer_bytes(t, b, tokens, nb, plan)
+        "activations (one layer at a time)": decoder_layer_bytes(t, b, tokens, nb, plan.attention)
         + _vision_layer_bytes(t, b, nb),
         "logits": logits_bytes(t, plan, b, nb),
     }
