@@ -24,6 +24,8 @@ CSS = """
 .demo-wrong { color: #b00020; font-weight: 600; }
 .demo-stats, .demo-done { color: #555; font-size: 0.9em; }
 """
+IMAGE = {"format": "png", "height": 300}
+"""Shown images: PNG (Gradio's default WebP would blur the box outlines' colours), 300 px high."""
 MAX_FILE_SIZE = "200mb"
 """Uploads above this are refused by Gradio itself (MAX_PIXELS bounds the pixels of the rest)."""
 
@@ -42,7 +44,7 @@ def _model_columns(page: Page) -> list[gr.components.Component]:
         for i, m in enumerate(page.models):
             with gr.Column(min_width=240):
                 gr.Markdown(f"### {m.name}", elem_id=f"name-{i}")
-                image = gr.Image(label=str(m.folder), interactive=False, elem_id=f"boxes-{i}", height=300)
+                image = gr.Image(label=str(m.folder), interactive=False, elem_id=f"boxes-{i}", **IMAGE)
                 outs.append(image)
                 outs.append(gr.Textbox(label="answer", lines=3, interactive=False, elem_id=f"answer-{i}"))
                 outs.append(gr.HTML(elem_id=f"stats-{i}"))
@@ -64,14 +66,14 @@ def build_app(page: Page) -> gr.Blocks:
                     choices=list(page.items), value=None, label="…or pick a held-out test image",
                     elem_id="pick", filterable=True,
                 )  # fmt: skip
-                preview = gr.Image(label="image", interactive=False, elem_id="preview", height=300)
+                preview = gr.Image(label="image", interactive=False, elem_id="preview", **IMAGE)
             with gr.Column():
                 task = gr.Radio(list(page.templates), label="task (fills in a question)", elem_id="task")
                 question = gr.Textbox(label="question", lines=3, elem_id="question")
                 ask = gr.Button("Ask every model", variant="primary", elem_id="ask")
                 status = gr.HTML(elem_id="status")
                 truth = gr.HTML(elem_id="truth")
-                truth_img = gr.Image(label="ground truth", interactive=False, elem_id="truth-img", height=220)
+                truth_img = gr.Image(label="ground truth", interactive=False, elem_id="truth-img", **IMAGE)
         answers = _model_columns(page)
         upload.upload(page.upload, [upload], [source, preview, pick, status, truth, truth_img])
         upload.clear(lambda: (None, None, ""), None, [source, preview, status])
