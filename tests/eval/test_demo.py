@@ -31,6 +31,8 @@ from geodistill.models.tokenizer import build_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+WIDTH = 1400
+"""Browser window width in pixels (the screenshot's width)."""
 BOXES = "<p>a red ship</p> {<10><10><50><40>|<30>}{<60><60><90><90>}"
 
 
@@ -214,8 +216,8 @@ def test_page_actions_report_bad_input_and_keep_answering(page, image, tmp_path)
         status, *_ = page.ask(source, question)
         assert message in status
     status, truth, truth_img, *outs = page.ask(source, "[grounding] Describe the image in detail.")
-    assert "3 answers to: [grounding] Describe" in status and "No ground truth (an uploaded image)" in truth
-    assert truth_img is None and len(outs) == 3 * n
+    assert "3 answers to: [grounding] Describe the image in detail. (no ground truth: an upload)" in status
+    assert truth is None and truth_img is None and len(outs) == 3 * n
     for drawn, answer, stats in zip(outs[::3], outs[1::3], outs[2::3], strict=True):
         assert isinstance(drawn, Image.Image) and isinstance(answer, str) and "tokens/s" in stats
 
@@ -228,8 +230,9 @@ def test_page_shows_ground_truth_of_a_test_item(page):
     status, truth, truth_img, *outs = page.ask(source, question)
     assert "Ground truth</b> (referring)" in truth and truth_img is not None
     assert all("boxes at IoU ≥ 0.5" in stats for stats in outs[2::3])
-    _, truth, truth_img, *outs = page.ask(source, question + " please")  # edited: no ground truth
-    assert "the question was edited" in truth and truth_img is None and "IoU" not in outs[2]
+    status, truth, truth_img, *outs = page.ask(source, question + " please")  # edited: no ground truth
+    assert "the question was edited" in status and truth is None and truth_img is None
+    assert "IoU" not in outs[2]
     assert "no test item" in page.pick("nothing like this")[4]
 
 
@@ -263,7 +266,7 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1300"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={WIDTH},1200"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -317,8 +320,11 @@ def answered(n: int, driver) -> bool:
 
 
 def save_screenshot(driver, name: str) -> Path:
+    """The whole page (the window grown to its height) as reports/<name>."""
     out = ROOT / "reports" / name
     out.parent.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(WIDTH, height + 40)
     driver.save_screenshot(str(out))
     return out
 

@@ -8,7 +8,10 @@ every request the page makes and checks that each goes to the demo's own address
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported and at launch
 
@@ -24,8 +27,8 @@ CSS = """
 .demo-wrong { color: #b00020; font-weight: 600; }
 .demo-stats, .demo-done { color: #555; font-size: 0.9em; }
 """
-IMAGE = {"format": "png", "height": 300}
-"""Shown images: PNG (Gradio's default WebP would blur the box outlines' colours), 300 px high."""
+IMAGE = {"format": "png", "height": 260}
+"""Shown images: PNG (Gradio's default WebP would blur the box outlines' colours), 260 px high."""
 MAX_FILE_SIZE = "200mb"
 """Uploads above this are refused by Gradio itself (MAX_PIXELS bounds the pixels of the rest)."""
 
@@ -37,22 +40,42 @@ def _theme() -> gr.themes.Base:
     )
 
 
-def _model_columns(page: Page) -> list[gr.components.Component]:
-    """Per model, left to right: its name and folder, the image with its boxes, its answer, its stats."""
-    outs: list[gr.components.Component] = []
+def _answer_columns(page: Page) -> tuple[list[gr.components.Component], list[gr.components.Component]]:
+    """The ground truth (hidden when there is none), then per model: its name, the image with its boxes
+    (labelled with its folder), its answer and its stats. Returns ([column, text, image] of the ground
+    truth, [image, answer, stats] of each model in turn)."""
+    answers: list[gr.components.Component] = []
     with gr.Row(equal_height=False):
+        with gr.Column(min_width=220, visible=False) as truth_col:
+            gr.Markdown("### ground truth")
+            truth_img = gr.Image(label="test item", interactive=False, elem_id="truth-img", **IMAGE)
+            truth = gr.HTML(elem_id="truth")
         for i, m in enumerate(page.models):
-            with gr.Column(min_width=240):
+            with gr.Column(min_width=220):
                 gr.Markdown(f"### {m.name}", elem_id=f"name-{i}")
-                image = gr.Image(label=str(m.folder), interactive=False, elem_id=f"boxes-{i}", **IMAGE)
-                outs.append(image)
-                outs.append(gr.Textbox(label="answer", lines=3, interactive=False, elem_id=f"answer-{i}"))
-                outs.append(gr.HTML(elem_id=f"stats-{i}"))
-    return outs
+                answers += [
+                    gr.Image(label=str(m.folder), interactive=False, elem_id=f"boxes-{i}", **IMAGE),
+                    gr.Textbox(label="answer", lines=3, interactive=False, elem_id=f"answer-{i}"),
+                    gr.HTML(elem_id=f"stats-{i}"),
+                ]
+    return [truth_col, truth, truth_img], answers
+
+
+def _with_truth_column(action: Callable[..., tuple], at: int) -> Callable[..., list]:
+    """``action``'s outputs with the ground-truth column's visibility inserted before the ground truth
+    (output ``at``: None when there is none)."""
+
+    @functools.wraps(action)  # Gradio reads the wrapped signature to match the inputs
+    def shown(*args: Any) -> list:
+        out = list(action(*args))
+        return [*out[:at], gr.Column(visible=out[at] is not None), out[at] or "", *out[at + 1 :]]
+
+    return shown
 
 
 def build_app(page: Page) -> gr.Blocks:
-    """The page: image (upload or held-out pick), task and question, then one column per model."""
+    """The page: image (upload or held-out pick), task and question; then the ground truth and one column
+    per model."""
     with gr.Blocks(title="geodistill demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
         source = gr.State(None)
         gr.Markdown(f"## {TITLE}")
@@ -60,27 +83,27 @@ def build_app(page: Page) -> gr.Blocks:
             with gr.Column():
                 upload = gr.File(
                     label=f"Upload an image (at most {page.max_pixels:,} pixels)", type="filepath",
-                    elem_id="upload", height=120,
+                    elem_id="upload", height=110,
                 )  # fmt: skip
                 pick = gr.Dropdown(
                     choices=list(page.items), value=None, label="…or pick a held-out test image",
                     elem_id="pick", filterable=True,
                 )  # fmt: skip
-                preview = gr.Image(label="image", interactive=False, elem_id="preview", **IMAGE)
+            preview = gr.Image(label="image", interactive=False, elem_id="preview", **IMAGE)
             with gr.Column():
                 task = gr.Radio(list(page.templates), label="task (fills in a question)", elem_id="task")
-                question = gr.Textbox(label="question", lines=3, elem_id="question")
+                question = gr.Textbox(label="question", lines=2, elem_id="question")
                 ask = gr.Button("Ask every model", variant="primary", elem_id="ask")
                 status = gr.HTML(elem_id="status")
-                truth = gr.HTML(elem_id="truth")
-                truth_img = gr.Image(label="ground truth", interactive=False, elem_id="truth-img", **IMAGE)
-        answers = _model_columns(page)
-        upload.upload(page.upload, [upload], [source, preview, pick, status, truth, truth_img])
+        shown, answers = _answer_columns(page)
+        upload.upload(_with_truth_column(page.upload, 4), [upload], [source, preview, pick, status, *shown])
         upload.clear(lambda: (None, None, ""), None, [source, preview, status])
-        pick.input(page.pick, [pick], [source, preview, upload, question, status, truth, truth_img])
+        pick.input(
+            _with_truth_column(page.pick, 5), [pick], [source, preview, upload, question, status, *shown]
+        )
         task.input(page.template, [task], [question])
         for trigger in (ask.click, question.submit):
-            trigger(page.ask, [source, question], [status, truth, truth_img, *answers])
+            trigger(_with_truth_column(page.ask, 1), [source, question], [status, *shown, *answers])
     return app
 
 

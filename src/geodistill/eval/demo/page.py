@@ -52,11 +52,8 @@ def stats_html(a: core.ModelAnswer) -> str:
     return out
 
 
-def truth_html(record: Record | None, edited: bool = False) -> str:
-    """The ground truth of a test item (task, answer, references)."""
-    if record is None:
-        why = "the question was edited" if edited else "an uploaded image"
-        return f'<div class="demo-truth">No ground truth ({why}).</div>'
+def truth_html(record: Record) -> str:
+    """The ground truth of a test item (task, answer or reference captions)."""
     refs = record.meta.get("refs") or record.answers[:1]
     items = "".join(f"<li><code>{html.escape(str(r))}</code></li>" for r in refs)
     return f'<div class="demo-truth"><b>Ground truth</b> ({html.escape(record.task)}):<ul>{items}</ul></div>'
@@ -74,8 +71,20 @@ def _shown(picture: Image.Image, text: str) -> Image.Image:
     return chat.render_boxes(core.display_copy(picture), text)
 
 
+def _truth(picture: Image.Image, record: Record | None) -> tuple[str | None, Image.Image | None]:
+    """(ground-truth text, image with its boxes): (None, None) without ground truth."""
+    if record is None:
+        return None, None
+    drawing = core.truth_drawing(record)
+    return truth_html(record), _shown(picture, drawing) if drawing else None
+
+
 class Page:
-    """The demo's state that outlives a request: the loaded models and the held-out items."""
+    """The demo's state that outlives a request: the loaded models and the held-out items.
+
+    Each action returns its outputs as a tuple in the order its docstring gives; a ground truth of None
+    means there is none to show (an upload, or an edited question).
+    """
 
     def __init__(
         self,
@@ -92,55 +101,49 @@ class Page:
         self.max_pixels = max_pixels
         self.max_new_tokens = max_new_tokens
 
-    def upload(self, path: str | None) -> tuple[Source | None, Image.Image | None, None, str, str, None]:
-        """(source, preview, test pick cleared, status, truth, truth image) after an upload."""
+    def upload(self, path: str | None) -> tuple:
+        """(source, preview, test pick cleared, status, ground truth, its image) after an upload."""
         if not path:
-            return None, None, None, "", "", None
+            return None, None, None, "", None, None
         try:
             picture = core.read_image(path, self.max_pixels)
         except GeodistillError as e:
-            return None, None, None, error_html(e), "", None
-        return Source(str(path)), _shown(picture, ""), None, "", truth_html(None), None
+            return None, None, None, error_html(e), None, None
+        return Source(str(path)), _shown(picture, ""), None, "", None, None
 
     def pick(self, label: str | None) -> tuple:
-        """(source, preview, upload cleared, question, status, truth, truth image) after picking an item."""
+        """(source, preview, upload cleared, question, status, ground truth, its image) after a pick."""
         item = self.items.get(label or "")
         if item is None:
             missing = error_html(f"no test item {label!r}; pick one from the list")
-            return None, None, None, "", missing, "", None
+            return None, None, None, "", missing, None, None
         try:
             picture = core.read_image(item.image, self.max_pixels)
         except GeodistillError as e:
-            return None, None, None, item.question, error_html(e), "", None
-        drawing = core.truth_drawing(item.record)
-        truth_img = _shown(picture, drawing) if drawing else None
-        preview = _shown(picture, item.question)
-        truth = truth_html(item.record)
-        return Source(str(item.image), label), preview, None, item.question, "", truth, truth_img
+            return None, None, None, item.question, error_html(e), None, None
+        preview = _shown(picture, item.question)  # shows the region of an [identify] question
+        return Source(str(item.image), label), preview, None, item.question, "", *_truth(picture, item.record)
 
     def template(self, task: str | None) -> str:
         return self.templates.get(task or "", "")
 
     def ask(self, source: Source | None, question: str | None) -> tuple:
-        """(status, truth, truth image, then per model: image with boxes, answer, stats)."""
+        """(status, ground truth, its image, then per model: image with boxes, answer, stats)."""
         blank = [None, "", ""] * len(self.models)
         if source is None:
-            return error_html("no image yet: upload one, or pick a held-out test image"), "", None, *blank
+            return error_html("no image yet: upload one, or pick a held-out test image"), None, None, *blank
         try:
             turn = core.question_turn(question)
             picture = core.read_image(source.image, self.max_pixels)
         except GeodistillError as e:
-            return error_html(e), "", None, *blank
+            return error_html(e), None, None, *blank
         item = self.items.get(source.item or "")
         truth = core.truth_for(item, question or "")
-        answers = core.answer_all(
-            self.models, picture, turn, max_new_tokens=self.max_new_tokens, truth=truth
-        )
-        drawing = core.truth_drawing(truth) if truth is not None else ""
-        truth_img = _shown(picture, drawing) if drawing else None
+        answers = core.answer_all(self.models, picture, turn, max_new_tokens=self.max_new_tokens, truth=truth)
         outs: list = []
         for a in answers:
             outs += [a.drawn, a.answer, stats_html(a)]
         asked = html.escape(turn.value.replace(IMAGE_PLACEHOLDER, "").strip())
-        done = f'<div class="demo-done">{len(answers)} answers to: {asked}</div>'
-        return done, truth_html(truth, edited=item is not None), truth_img, *outs
+        note = "" if truth else " (no ground truth: " + ("the question was edited)" if item else "an upload)")
+        done = f'<div class="demo-done">{len(answers)} answers to: {asked}{note}</div>'
+        return done, *_truth(picture, truth), *outs
