@@ -325,13 +325,19 @@ def answered(n: int, driver) -> bool:
     return all("tokens/s" in el(driver, f"#stats-{i}").text for i in range(n))
 
 
+PAGE_HEIGHT_JS = """return Math.max(...[document.body, document.documentElement,
+    document.querySelector('gradio-app')].filter(Boolean).map(e => e.scrollHeight)) + 20"""
+
+
 def save_screenshot(driver, name: str) -> Path:
     """The whole page (the window grown to its height) as reports/<name>."""
     out = ROOT / "reports" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(WIDTH, height + 40)
+    height = driver.execute_script(PAGE_HEIGHT_JS)
+    metrics = {"width": WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)  # a viewport as tall as the page
     driver.save_screenshot(str(out))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     return out
 
 

@@ -1,9 +1,10 @@
 """The Gradio page of ``geodistill demo``, served offline.
 
 Offline means: no analytics or version check (``GRADIO_ANALYTICS_ENABLED=False``, set before Gradio is
-imported), system fonts instead of the default theme's Google Fonts, no share link, no server-side
-rendering (it would start Node), and nothing the page loads from another host (the browser test records
-every request the page makes and checks that each goes to the demo's own address).
+imported), no share link, no server-side rendering (it would start Node), and nothing the page loads from
+another host. Gradio's default theme uses fonts bundled with Gradio (``LocalFont``), served by the demo
+itself; other themes (Soft, Glass, ...) name Google Fonts and must not be used here. The browser test
+records every request the page makes and checks that each goes to the demo's own address.
 """
 
 from __future__ import annotations
@@ -31,13 +32,6 @@ IMAGE = {"format": "png", "height": 260}
 """Shown images: PNG (Gradio's default WebP would blur the box outlines' colours), 260 px high."""
 MAX_FILE_SIZE = "200mb"
 """Uploads above this are refused by Gradio itself (MAX_PIXELS bounds the pixels of the rest)."""
-
-
-def _theme() -> gr.themes.Base:
-    # The default theme @imports its fonts from Google Fonts: use the system's instead.
-    return gr.themes.Default(
-        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-    )
 
 
 def _answer_columns(page: Page) -> tuple[list[gr.components.Component], list[gr.components.Component]]:
@@ -113,7 +107,7 @@ def serve(page: Page, *, host: str, port: int, block: bool = True) -> gr.Blocks:
     app.queue(default_concurrency_limit=1)  # one generation at a time: the models are shared
     try:
         app.launch(
-            server_name=host, server_port=port, theme=_theme(), css=CSS, ssr_mode=False, share=False,
+            server_name=host, server_port=port, css=CSS, ssr_mode=False, share=False,
             footer_links=[], show_error=True, max_file_size=MAX_FILE_SIZE, prevent_thread_lock=not block,
             quiet=True,
         )  # fmt: skip
