@@ -40,7 +40,8 @@ def format_stats(a: core.ModelAnswer) -> str:
         return f"no answer: {a.error}"
     tps = a.tokens_per_s
     rate = "-" if tps is None or not math.isfinite(tps) else f"{tps:.1f}"
-    return f"{a.seconds:.2f} s · {a.tokens} tokens · {rate} tokens/s · {a.n_boxes} boxes"
+    boxes = f"{a.n_boxes} box" + ("" if a.n_boxes == 1 else "es")
+    return f"{a.seconds:.2f} s · {a.tokens} tokens · {rate} tokens/s · {boxes}"
 
 
 def stats_html(a: core.ModelAnswer) -> str:
