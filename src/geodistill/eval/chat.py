@@ -71,10 +71,11 @@ def labelled_boxes(text: str) -> list[tuple[str | None, Box]]:
     return out
 
 
-def draw_boxes(image: Image.Image, text: str, out: str | Path) -> Path:
-    """Write ``image`` with the boxes of ``text`` drawn as (rotated) polygons, labelled by phrase."""
+def render_boxes(image: Image.Image, text: str) -> Image.Image:
+    """A copy of ``image`` (enlarged when small) with the boxes of ``text`` drawn as (rotated) polygons,
+    labelled by phrase; all boxes of one phrase share a colour of :data:`COLOURS`."""
     boxes = labelled_boxes(text)
-    img = image.convert("RGB")
+    img = image.convert("RGB")  # a copy even when already RGB: the caller's image is never drawn on
     if min(img.size) < MIN_DRAW_SIDE:
         scale = -(-MIN_DRAW_SIDE // min(img.size))  # ceil: the short side reaches MIN_DRAW_SIDE
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
@@ -88,6 +89,12 @@ def draw_boxes(image: Image.Image, text: str, out: str | Path) -> Path:
         if phrase:
             x, y = min(c[0] for c in corners), min(c[1] for c in corners)
             draw.text((max(0, x), max(0, y - 12)), phrase[:40], fill=colour)
+    return img
+
+
+def draw_boxes(image: Image.Image, text: str, out: str | Path) -> Path:
+    """Write ``image`` with the boxes of ``text`` drawn (:func:`render_boxes`) as a PNG at ``out``."""
+    img = render_boxes(image, text)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out, format="PNG")
@@ -99,6 +106,38 @@ def boxes_path(image: str | Path, out: str | Path) -> Path:
     folder or ends with a path separator (the folder is created), else ``out`` itself."""
     folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
     return Path(out) / f"{Path(image).stem}_boxes.png" if folder else Path(out)
+
+
+def ask(
+    model: LlavaForConditionalGeneration,
+    tok: PreTrainedTokenizerBase,
+    transform: ImageTransform,
+    picture: Image.Image,
+    turn: Turn,
+    *,
+    max_new_tokens: int,
+) -> tuple[str, int, float]:
+    """Greedy answer of a loaded model to the first human ``turn`` about ``picture``:
+    (answer, the generation limit actually used, seconds spent generating).
+
+    The limit is lowered to what the model's context leaves after the prompt; a prompt that fills the
+    context is a GeodistillError (generating past the position table fails inside the model with an
+    opaque index error).
+    """
+    n_img = num_image_tokens(model.config)
+    prompt_len = len(encode_conversation(tok, [turn], n_img, for_generation=True).input_ids)
+    context = getattr(model.config.text_config, "max_position_embeddings", None)
+    if context is not None:
+        if prompt_len >= context:
+            raise GeodistillError(
+                f"the prompt takes {prompt_len} tokens ({n_img} of them image tokens) but the model's "
+                f"context is {context}; ask a shorter question"
+            )
+        max_new_tokens = min(max_new_tokens, context - prompt_len)
+    (answer,), seconds = generate(
+        model, tok, transform, n_img, [Prompt((turn,), picture)], batch_size=1, max_new_tokens=max_new_tokens
+    )
+    return answer, max_new_tokens, seconds
 
 
 def chat(
@@ -116,20 +155,7 @@ def chat(
     turn = Turn("human", prepare_question(question))
     picture = open_image(image)  # before the (slow) model load: a typo in the path fails at once
     model, tok, transform = load_for_inference(model_dir)
-    n_img = num_image_tokens(model.config)
-    prompt_len = len(encode_conversation(tok, [turn], n_img, for_generation=True).input_ids)
-    context = getattr(model.config.text_config, "max_position_embeddings", None)
-    if context is not None:
-        # Generating past the position table fails inside the model with an opaque index error.
-        if prompt_len >= context:
-            raise GeodistillError(
-                f"the prompt takes {prompt_len} tokens ({n_img} of them image tokens) but the model's "
-                f"context is {context}; ask a shorter question"
-            )
-        max_new_tokens = min(max_new_tokens, context - prompt_len)
-    (answer,), _ = generate(
-        model, tok, transform, n_img, [Prompt((turn,), picture)], batch_size=1, max_new_tokens=max_new_tokens
-    )
+    answer, max_new_tokens, _ = ask(model, tok, transform, picture, turn, max_new_tokens=max_new_tokens)
     boxes = tuple(parse_boxes(answer))
     drawn = draw_boxes(picture, answer, boxes_path(image, out)) if boxes and out is not None else None
     return ChatAnswer(answer, boxes, drawn, max_new_tokens)
