@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from geodistill.data.records import BOX_RE, IMAGE_PLACEHOLDER, PHRASE_RE, Box, Turn, parse_boxes
 from geodistill.data.template import encode_conversation
@@ -26,6 +27,7 @@ from geodistill.eval.generate import Prompt, generate
 from geodistill.files import open_image
 from geodistill.models.checkpoints import load_for_inference
 from geodistill.models.llava import num_image_tokens
+from geodistill.models.transform import ImageTransform
 
 #: Outline colours of successive phrases' boxes (all boxes of one phrase share a colour).
 COLOURS = ("#ff2020", "#20c0ff", "#ffd000", "#30e030", "#ff60ff", "#ff8c00")
