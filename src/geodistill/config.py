@@ -120,7 +120,7 @@ class LlavaArch:
     vision_intermediate_size: int
     """CLIP MLP width."""
     vision_layers: int
-    """CLIP layers (>= 3: the feature layer must be trained; DESIGN.md)."""
+    """CLIP layers (>= 3: the feature layer must be trained; docs/design.md)."""
     vision_heads: int
     """CLIP attention heads."""
     image_size: int

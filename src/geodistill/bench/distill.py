@@ -22,7 +22,7 @@ time instead of wall time: with one thread it is the uncontended wall time, robu
 Settings: the pipeline's defaults (the dataclass defaults, equal to the shipped params.yaml), or those of
 ``--params FILE``. Models: the embedded default architectures (``teacher.arch``, ``student.arch``;
 random weights: speed does not depend on them), or checkpoints. Data: a synthetic split built in a temporary
-folder (not timed), with its teacher cache. One torch thread by default (DESIGN.md: 2 threads collapse
+folder (not timed), with its teacher cache. One torch thread by default (docs/design.md: 2 threads collapse
 under CPU contention).
 """
 

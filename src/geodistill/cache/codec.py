@@ -89,7 +89,7 @@ def mass_margin(k: int) -> float:
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (V <= 65536), else uint32 (DESIGN.md, "Teacher cache")."""
+    """uint16 when every id fits (V <= 65536), else uint32 (docs/design.md, "Teacher cache")."""
     if vocab_size < 1:
         raise CacheError(f"vocab_size must be >= 1, got {vocab_size}")
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)

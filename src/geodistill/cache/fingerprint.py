@@ -1,4 +1,4 @@
-"""The teacher cache's fingerprint: everything the cached numbers depend on (DESIGN.md, "Teacher cache").
+"""The teacher cache's fingerprint: everything the cached numbers depend on (docs/design.md, "Teacher cache").
 
 One definition for every party: the builder (``cache.build``) writes it into the store's root attrs,
 the store (``cache.store``) refuses a cache whose fingerprint differs from the expected one, naming
@@ -28,7 +28,7 @@ from geodistill.errors import CacheError
 from geodistill.models.checkpoints import model_fingerprint, resolve
 
 TEACHER_DTYPE = torch.float32
-"""The dtype the builder runs the teacher in (CPU default; DESIGN.md, "Precision")."""
+"""The dtype the builder runs the teacher in (CPU default; docs/design.md, "Precision")."""
 FEATURE_DTYPE = "float16"
 """How the store keeps projector features."""
 LAYOUT_FIELDS = ("vocab_size", "k", "encoding")

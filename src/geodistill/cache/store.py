@@ -1,6 +1,6 @@
 """The teacher cache: a Zarr v3 directory store of the teacher's top-k, target log-probs and features.
 
-Layout (DESIGN.md, "Teacher cache")::
+Layout (docs/design.md, "Teacher cache")::
 
     teacher_cache.zarr/                 attrs: format_version, fingerprint
       <shard name>/                     one group per manifest shard, written by one process
@@ -50,7 +50,7 @@ from geodistill.errors import CacheError
 FORMAT_VERSION = 1
 REBUILD_HINT = "rebuild it with `dvc repro teacher_cache` (or delete the store)"
 
-# zstd level 3 with byte shuffle: measured 1.5x on raw top-k arrays (DESIGN.md, "Library facts");
+# zstd level 3 with byte shuffle: measured 1.5x on raw top-k arrays (docs/design.md, "Library facts");
 # for uint8 arrays shuffle is a no-op and bitshuffle measured no better.
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
 TOKEN_CHUNK = 1 << 16

@@ -1,6 +1,6 @@
 """GeoChat instruction records: schema, validation, task names and prompts, image paths, rotated boxes.
 
-A record is one conversation about one image (DESIGN.md, "Prepared record")::
+A record is one conversation about one image (docs/design.md, "Prepared record")::
 
     {"id": str, "image": relative path, "image_id": str, "task": str,
      "conversations": [{"from": "human"|"gpt", "value": str}, ...], "meta": {...}}

@@ -1,6 +1,6 @@
 """WebDataset shards: one sample per unique image holding all its records, plus a manifest.
 
-Sample layout (DESIGN.md, "Shard sample")::
+Sample layout (docs/design.md, "Shard sample")::
 
     <key>.png | <key>.jpg   original image bytes
     <key>.json              {"image_id", "width", "height", "records": [record, ...]}

@@ -1,7 +1,7 @@
 """A procedurally generated remote-sensing benchmark in GeoChat's format (the embedded default).
 
 Real remote-sensing data cannot be downloaded here, so ``prepare`` can generate one, deterministic
-from a seed. It is designed to be learnable by tiny LLaVA models in minutes (DESIGN.md, "The embedded
+from a seed. It is designed to be learnable by tiny LLaVA models in minutes (docs/design.md, "The embedded
 experiment"):
 
 - A scene is a ``grid x grid`` lattice of cells, one cell per ViT patch when ``grid = image_size /

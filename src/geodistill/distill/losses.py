@@ -3,7 +3,7 @@
 Notation: q = student (parameters theta), p = teacher, V = vocabulary size, N = tokens, k = cached top-k.
 
 The teacher cache stores, per response token, the teacher's top-k ids and their log-probs normalised over
-the full vocabulary (DESIGN.md, "Top-k and the tail"). Every divergence here is computed over k + 1
+the full vocabulary (docs/design.md, "Top-k and the tail"). Every divergence here is computed over k + 1
 categories: the k teacher top-k tokens plus one tail bucket holding the remaining probability mass, for
 both distributions. Merging categories is a deterministic map applied to both p and q, so by the
 data-processing inequality the bucketed divergence is a lower bound of the full-vocabulary one, and it is

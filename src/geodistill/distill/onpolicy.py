@@ -11,7 +11,7 @@ E_{y_t ~ q_t}[r_t] = -KL(q_t || p_t), (grad L)_Single = +E[ sum_t w_t grad KL(q_
 are sampled from the teacher-mixed distribution (1 - a) q + a p, and w_t re-weights them to q. Each of
 the three pieces is a function here; ``onpolicy_losses`` assembles them into scalar losses whose
 gradients are the two terms above, so that gradient descent on them lowers KL(q_theta || p). The teacher
-is consulted only for the sampled responses (DESIGN.md).
+is consulted only for the sampled responses (docs/design.md).
 
 Models are HF causal-LM-like: forward(input_ids, attention_mask, position_ids, [pixel_values],
 <cache kwarg>, use_cache) -> .logits and a KV cache. transformers >= 5.2x names the cache ``cache`` (input

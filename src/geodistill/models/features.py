@@ -1,6 +1,6 @@
 """Projector-feature utilities shared by the teacher-cache builder and the alignment loss.
 
-Raw projector outputs of a 13B teacher are 1296 x 5120 fp16 = 13 MB per image (DESIGN.md, Scale), so the
+Raw projector outputs of a 13B teacher are 1296 x 5120 fp16 = 13 MB per image (docs/design.md, Scale), so the
 cache may store them average-pooled over the patch grid. The student's features must then be pooled the
 same way before L_align compares them, hence one function for both sides.
 """

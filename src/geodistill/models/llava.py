@@ -8,7 +8,7 @@ linear-GELU-linear projector, Llama decoder). Conventions every stage relies on:
 - image tokens per image = ``num_image_tokens(config)``: (image_size / patch_size)^2 with the CLS
   token dropped (``vision_feature_select_strategy="default"``, LLaVA-1.5's "patch" features);
 - built models read the *last* CLIP layer (``vision_feature_layer=-1``) so every tower layer is trained
-  and used (with LLaVA's -2 a small tower wastes its last layer; DESIGN.md). Converted GeoChat
+  and used (with LLaVA's -2 a small tower wastes its last layer; docs/design.md). Converted GeoChat
   checkpoints keep their -2. CLIP's ``post_layernorm`` only feeds the pooled CLS output, which LLaVA
   never uses: under DDP freeze the tower or pass ``find_unused_parameters=True``.
 
