@@ -17,7 +17,6 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from geodistill.cache.codec import Encoding
 from geodistill.errors import ConfigError
 
 T = TypeVar("T")
@@ -266,6 +265,11 @@ class TeacherConfig:
         return ["teacher.source 'path' needs teacher.path"] if self.source == "path" and not self.path else []
 
 
+Encoding = Literal["float32", "float16", "uint8_log"]
+"""The top-k value encodings; what each stores and its error bound: geodistill.cache.codec (which takes its
+ENCODINGS from here: a config that imported the codec would make every stage depend on cache/)."""
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     k: int = 16
@@ -352,7 +356,7 @@ class DeepSpeedConfig:
 
 Divergence = Literal["reverse", "forward", "jsd", "skew_forward", "skew_reverse"]
 """The divergence kinds; their functions are geodistill.distill.losses.DIVERGENCES (a test pins that the
-two name the same kinds; defined here so that reading a config does not import torch)."""
+two name the same kinds; defined here so that reading a config imports neither torch nor distill/)."""
 
 
 @dataclass(frozen=True)

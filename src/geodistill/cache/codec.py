@@ -57,15 +57,14 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from typing import Literal
 
 import numpy as np
 
+from geodistill.config import Encoding
 from geodistill.errors import CacheError
 
-Encoding = Literal["float32", "float16", "uint8_log"]
-"""The value encodings (``CacheConfig.encoding`` is typed with it)."""
 ENCODINGS: tuple[Encoding, ...] = typing.get_args(Encoding)
+"""Every encoding, from ``config.Encoding`` (the type of ``CacheConfig.encoding``)."""
 
 LOGPROB_FLOOR = -1.0e4
 """Inputs below this (including -inf, probability 0) are clipped to it: finite, exactly representable
