@@ -1,6 +1,8 @@
 import ast
 import dataclasses
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,10 @@ def test_configs_are_frozen():
 def test_missing_params_file_says_where_to_run(tmp_path):
     with pytest.raises(ConfigError, match="project root"):
         config.load_section("data", tmp_path / "params.yaml")
+
+
+def test_reading_a_config_imports_neither_torch_nor_numpy():
+    """Every stage imports config.py: its Literal types live here, not in the torch/numpy modules."""
+    code = "import sys, geodistill.config; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

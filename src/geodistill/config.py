@@ -266,8 +266,8 @@ class TeacherConfig:
 
 
 Encoding = Literal["float32", "float16", "uint8_log"]
-"""The top-k value encodings of the teacher cache (implemented in geodistill.cache.codec; defined here so
-that reading a config imports neither the codec nor numpy, and no stage depends on the codec's code)."""
+"""The top-k value encodings; what each stores and its error bound: geodistill.cache.codec (which takes its
+ENCODINGS from here: a config that imported the codec would make every stage depend on cache/)."""
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ class DeepSpeedConfig:
 
 Divergence = Literal["reverse", "forward", "jsd", "skew_forward", "skew_reverse"]
 """The divergence kinds; their functions are geodistill.distill.losses.DIVERGENCES (a test pins that the
-two name the same kinds; defined here so that reading a config does not import torch)."""
+two name the same kinds; defined here so that reading a config imports neither torch nor distill/)."""
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from geodistill.config import Encoding
 from geodistill.errors import CacheError
 
 ENCODINGS: tuple[Encoding, ...] = typing.get_args(Encoding)
+"""Every encoding, from ``config.Encoding`` (the type of ``CacheConfig.encoding``)."""
 
 LOGPROB_FLOOR = -1.0e4
 """Inputs below this (including -inf, probability 0) are clipped to it: finite, exactly representable

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from geodistill.cache import codec
-from geodistill.config import CacheConfig
+from geodistill.config import CacheConfig, Encoding
 from geodistill.data.shards import manifest_hash
 from geodistill.data.template import TEMPLATE_NAME
 from geodistill.errors import CacheError
@@ -45,7 +45,7 @@ def make_fingerprint(
     max_len: int,
     k: int,
     pooling: int,
-    encoding: codec.Encoding,
+    encoding: Encoding,
     teacher_dtype: torch.dtype,
     feature_dtype: str = FEATURE_DTYPE,
 ) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def cache_fingerprint(
 
 
 def scratch_fingerprint(
-    vocab_size: int, k: int, encoding: codec.Encoding, pooling: int = 1
+    vocab_size: int, k: int, encoding: Encoding, pooling: int = 1
 ) -> dict[str, Any]:
     """A fingerprint with placeholder hashes, for a store one process writes and reads (benchmarks)."""
     return make_fingerprint(

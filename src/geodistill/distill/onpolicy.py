@@ -116,6 +116,36 @@ class SampleBatch:
         return self.response_mask.sum(-1)  # (B,)
 
 
+def _check_sampling(mix_alpha: float, temperature: float, max_new_tokens: int) -> None:
+    if not 0.0 <= mix_alpha <= 1.0:
+        raise TrainingError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
+    if temperature <= 0:
+        raise TrainingError(f"temperature must be > 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise TrainingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _step_distributions(
+    q_logits: torch.Tensor, p_logits: torch.Tensor, mix_alpha: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, V) logits of one step -> log q, log p (temperature 1) and log of the sampling mixture, each (B, V).
+
+    The mixture is (1 - a) q_T + a p_T of the temperature-scaled distributions.
+    """
+    _check_vocab(q_logits, p_logits)
+    log_q = F.log_softmax(q_logits, -1)  # (B, V)
+    log_p = F.log_softmax(p_logits, -1)  # (B, V)
+    if temperature == 1.0:
+        log_qt, log_pt = log_q, log_p
+    else:
+        log_qt = F.log_softmax(q_logits / temperature, -1)
+        log_pt = F.log_softmax(p_logits / temperature, -1)
+    # log(1 - a) and log(a) as floats; log(0) = -inf makes the mixture exactly q (or p) at a = 0 (or 1)
+    log_wq = math.log1p(-mix_alpha) if mix_alpha < 1 else -math.inf
+    log_wp = math.log(mix_alpha) if mix_alpha > 0 else -math.inf
+    return log_q, log_p, torch.logaddexp(log_qt + log_wq, log_pt + log_wp)
+
+
 @torch.no_grad()
 def mixed_sample(
     student: nn.Module,
@@ -140,12 +170,7 @@ def mixed_sample(
     response); the loop ends when every row has stopped or after ``max_new_tokens``. Both models run in
     eval mode (restored afterwards); no gradient.
     """
-    if not 0.0 <= mix_alpha <= 1.0:
-        raise TrainingError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
-    if temperature <= 0:
-        raise TrainingError(f"temperature must be > 0, got {temperature}")
-    if max_new_tokens < 1:
-        raise TrainingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_sampling(mix_alpha, temperature, max_new_tokens)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     modes = (student.training, teacher.training)
     student.eval()
@@ -154,9 +179,6 @@ def mixed_sample(
         b = input_ids.shape[0]
         device = input_ids.device
         eos = eos.to(device)
-        # log(1 - a) and log(a) as floats; log(0) = -inf makes the mixture exactly q (or p) at a = 0 (or 1)
-        log_wq = math.log1p(-mix_alpha) if mix_alpha < 1 else -math.inf
-        log_wp = math.log(mix_alpha) if mix_alpha > 0 else -math.inf
         mask = attention_mask.long()  # (B, L), grows by one column per step
         step_ids, positions = input_ids, position_ids_from_mask(mask)  # first step: the whole prompt
         q_cache = p_cache = None
@@ -169,15 +191,7 @@ def mixed_sample(
             q_cache, p_cache, pix = _out_cache(q_out), _out_cache(p_out), None
             q_logits = q_out.logits[:, -1].float()  # (B, V)
             p_logits = p_out.logits[:, -1].float()  # (B, V)
-            _check_vocab(q_logits, p_logits)
-            log_q = F.log_softmax(q_logits, -1)  # (B, V)
-            log_p = F.log_softmax(p_logits, -1)  # (B, V)
-            if temperature == 1.0:
-                log_qt, log_pt = log_q, log_p
-            else:
-                log_qt = F.log_softmax(q_logits / temperature, -1)
-                log_pt = F.log_softmax(p_logits / temperature, -1)
-            log_mix = torch.logaddexp(log_qt + log_wq, log_pt + log_wp)  # (B, V)
+            log_q, log_p, log_mix = _step_distributions(q_logits, p_logits, mix_alpha, temperature)
             y = torch.multinomial(log_mix.exp(), 1, generator=generator).squeeze(-1)  # (B,)
             y = torch.where(done, torch.full_like(y, pad_token_id), y)
             live = ~done  # (B,) this step belongs to the response
