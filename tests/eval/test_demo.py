@@ -19,18 +19,11 @@ import pytest
 from PIL import Image
 
 from geodistill import cli
-from geodistill.config import DataConfig, SyntheticConfig
-from geodistill.data.prepare import prepare
 from geodistill.data.records import Record, Turn
-from geodistill.data.template import SYSTEM
 from geodistill.errors import DataError, GeodistillError, ModelError
 from geodistill.eval import chat
 from geodistill.eval.demo import core
 from geodistill.eval.demo.page import Page, Source, format_stats
-from geodistill.models.checkpoints import save_llava
-from geodistill.models.llava import build_llava
-from geodistill.models.tokenizer import build_tokenizer
-from geodistill.models.transform import ImageTransform
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -45,25 +38,13 @@ def rgb(hex_colour: str) -> tuple[int, int, int]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_arch):
+def world(tmp_path_factory, tiny_arch, make_world):
     """(prepared folder, [(name, model folder)] x 3): 3 synthetic test images and three random tiny models
     of different widths (teacher, baseline, distilled)."""
-    root = tmp_path_factory.mktemp("demo")
-    prepared = root / "prepared"
-    synthetic = SyntheticConfig(image_size=64, grid=4, train_images=1, val_images=1, test_images=3,
-                                pretrain_texts=2)  # fmt: skip
-    prepare(DataConfig(synthetic=synthetic), prepared)
-    texts = [SYSTEM]
-    for split in ("train", "test"):
-        for line in (prepared / f"{split}.jsonl").read_text().splitlines():
-            texts += [t["value"] for t in json.loads(line)["conversations"]]
-    tok = build_tokenizer(texts, 400)
-    specs = []
-    for seed, (name, width) in enumerate([("teacher", 64), ("baseline", 32), ("distilled", 32)]):
-        arch = tiny_arch(hidden_size=width, intermediate_size=2 * width)
-        save_llava(build_llava(arch, tok, seed=seed), tok, ImageTransform(arch.image_size), root / name)
-        specs.append((name, root / name))
-    return prepared, specs
+    archs = [(name, tiny_arch(hidden_size=w, intermediate_size=2 * w))
+             for name, w in [("teacher", 64), ("baseline", 32), ("distilled", 32)]]  # fmt: skip
+    prepared, models = make_world(tmp_path_factory.mktemp("demo"), 64, archs)
+    return prepared, list(models.items())
 
 
 @pytest.fixture(scope="module")

@@ -11,37 +11,22 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from geodistill.config import BenchmarksConfig, DataConfig, EvalConfig, SyntheticConfig
-from geodistill.data.prepare import image_root, prepare
+from geodistill.config import BenchmarksConfig, EvalConfig
+from geodistill.data.prepare import image_root
 from geodistill.data.records import parse_boxes
-from geodistill.data.template import SYSTEM
 from geodistill.errors import DataError
 from geodistill.eval import run
 from geodistill.eval.metrics import normalize_answer
 from geodistill.eval.run import evaluate_model, input_notes, load_sets, scalars
 from geodistill.eval.tasks import EVAL_TASKS, headline
-from geodistill.models.checkpoints import save_llava
-from geodistill.models.llava import build_llava
-from geodistill.models.tokenizer import build_tokenizer
-from geodistill.models.transform import ImageTransform
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_arch):
+def world(tmp_path_factory, tiny_arch, make_world):
     """(root, prepared folder, model folder): 3 synthetic test images and a random tiny model."""
-    arch = tiny_arch()
     root = tmp_path_factory.mktemp("run")
-    prepared = root / "prepared"
-    synthetic = SyntheticConfig(image_size=32, grid=4, train_images=1, val_images=1, test_images=3,
-                                pretrain_texts=2)  # fmt: skip
-    prepare(DataConfig(synthetic=synthetic), prepared)
-    texts = [SYSTEM]
-    for split in ("train", "test"):
-        for line in (prepared / f"{split}.jsonl").read_text().splitlines():
-            texts += [t["value"] for t in json.loads(line)["conversations"]]
-    tok = build_tokenizer(texts, 400)
-    save_llava(build_llava(arch, tok, seed=0), tok, ImageTransform(arch.image_size), root / "model")
-    return root, prepared, root / "model"
+    prepared, models = make_world(root, 32, [("model", tiny_arch())])
+    return root, prepared, models["model"]
 
 
 @pytest.fixture
