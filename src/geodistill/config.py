@@ -285,8 +285,9 @@ class CacheConfig:
     feature_encoding: FeatureEncoding = "float16"
     """Storage of the (pooled) projector features: float32, float16, or int8 with one float32 absmax scale
     per image token (geodistill.cache.feature_codec). float16 here: the embedded teacher's features are
-    ~8 KB per image, so 8-bit storage would save nothing worth its error; GeoChat-size teachers use int8
-    with pooling 3 (0.74 MB per image; `python -m geodistill.bench.features`)."""
+    8 KB per image, so int8 would save nothing worth even its small error, and the cache stays what it was.
+    At GeoChat-13B's shape int8 + pooling 3 (0.74 MB per image) loses less than float16 + pooling 4
+    (0.83 MB): pooling, not int8, is the loss (`python -m geodistill.bench.features`)."""
     batch_size: int = 64
     """Records per teacher forward."""
 
