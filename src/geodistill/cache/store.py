@@ -13,7 +13,8 @@ Layout (docs/design.md, "Teacher cache")::
         features         (I, P, D)      projector outputs (after pooling), stored per the fingerprint's
                                         feature_encoding: float32, float16 or int8
         feature_scales   (I, P)         float32, int8 only: per-token absmax / 127 (cache.feature_codec)
-                                        attrs: records, tokens, images, k, encoding, then complete = true
+                                        attrs: records, tokens, images, k, encoding, feature_encoding,
+                                        then complete = true
 
 Writing streams: a :class:`ShardWriter` buffers rows and flushes whole chunks, so a shard with millions
 of tokens (or gigabytes of 13B-teacher features) never sits in memory; the counts and ``complete`` go
