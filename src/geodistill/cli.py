@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
+from geodistill.config import FeatureEncoding
 from geodistill.errors import ConfigError, GeodistillError
 
 
@@ -101,7 +103,9 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     for name in ("precision", "teacher-precision"):
         p.add_argument(f"--{name}", choices=("fp32", "bf16", "fp16"), help="default: from the file")
     p.add_argument("--attention", choices=("sdpa", "eager"), help="default sdpa")
-    p.add_argument("--feature-encoding", choices=("float16", "int8"), help="cached features (float16)")
+    p.add_argument(
+        "--feature-encoding", choices=typing.get_args(FeatureEncoding), help="cached features"
+    )
     for name in ("checkpointing", "freeze-vision", "live-teacher"):
         p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=_plan)

@@ -269,6 +269,10 @@ Encoding = Literal["float32", "float16", "uint8_log"]
 """The top-k value encodings; what each stores and its error bound: geodistill.cache.codec (which takes its
 ENCODINGS from here: a config that imported the codec would make every stage depend on cache/)."""
 
+FeatureEncoding = Literal["float32", "float16", "int8"]
+"""How the cache stores projector features; what each stores and its error bound:
+geodistill.cache.feature_codec."""
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -278,6 +282,12 @@ class CacheConfig:
     """Value encoding of the top-k log-probs (see geodistill.cache.codec)."""
     pooling: int = 1
     """Average pooling of the projector features over the patch grid (kernel = stride)."""
+    feature_encoding: FeatureEncoding = "float16"
+    """Storage of the (pooled) projector features: float32, float16, or int8 with one float32 absmax scale
+    per image token (geodistill.cache.feature_codec). float16 here: the embedded teacher's features are
+    8 KB per image, so int8 would save nothing worth even its small error, and the cache stays what it was.
+    At GeoChat-13B's shape int8 + pooling 3 (0.74 MB per image) loses less than float16 + pooling 4
+    (0.83 MB): pooling, not int8, is the loss (`python -m geodistill.bench.features`)."""
     batch_size: int = 64
     """Records per teacher forward."""
 

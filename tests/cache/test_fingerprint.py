@@ -31,7 +31,7 @@ FIELDS = {
     "k",
     "pooling",
     "encoding",
-    "feature_dtype",
+    "feature_encoding",
     "teacher_dtype",
 }
 
@@ -55,9 +55,11 @@ def fields(**changes) -> dict:
 def test_make_fingerprint_has_every_field_as_json():
     fp = fields(teacher_dtype=torch.bfloat16)
     assert set(fp) == FIELDS
-    assert fp["teacher_dtype"] == "bfloat16" and fp["feature_dtype"] == "float16"
+    assert fp["teacher_dtype"] == "bfloat16" and fp["feature_encoding"] == CacheConfig.feature_encoding
     with pytest.raises(CacheError, match="unknown top-k encoding 'int4'"):
         fields(encoding="int4")
+    with pytest.raises(CacheError, match="unknown feature encoding 'int4'"):
+        fields(feature_encoding="int4")
 
 
 def test_fingerprint_mismatch_lines():

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geodistill.cache import codec, store
+from geodistill.cache import codec, feature_codec, store
 from geodistill.cache.fingerprint import TEACHER_DTYPE, make_fingerprint
 from geodistill.errors import CacheError
 
@@ -78,7 +78,11 @@ def build(
 
 
 def check_reads(
-    reader: store.CacheReader, truth: Truth, images: dict[str, np.ndarray], encoding: str
+    reader: store.CacheReader,
+    truth: Truth,
+    images: dict[str, np.ndarray],
+    encoding: str,
+    feature_encoding: str = "float16",
 ) -> None:
     keys = list(truth)[::-1]  # any order, across shards
     for key, got in zip(keys, reader.tokens(keys), strict=True):
@@ -92,8 +96,9 @@ def check_reads(
     if images:
         ikeys = list(images)[::-1]
         feats = reader.features(ikeys)
-        assert feats.dtype == np.float16 and feats.shape == (len(ikeys), 3, 5)
-        np.testing.assert_allclose(feats, np.stack([images[k] for k in ikeys]), rtol=1e-3, atol=1e-3)
+        want = np.stack([images[k] for k in ikeys])
+        assert feats.dtype == np.float32 and feats.shape == (len(ikeys), 3, 5)
+        assert (np.abs(feats - want) <= feature_codec.feature_error_bound(want, feature_encoding)).all()
 
 
 @settings(max_examples=15, deadline=None)
@@ -101,18 +106,19 @@ def check_reads(
     layout=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 5)), min_size=1, max_size=3),
     k=st.integers(1, 7),
     encoding=st.sampled_from(codec.ENCODINGS),
+    feature_encoding=st.sampled_from(feature_codec.FEATURE_ENCODINGS),
     token_chunk=st.integers(1, 8),
     seed=st.integers(0, 1000),
 )
 def test_write_read_roundtrip(
-    layout: list[tuple[int, int]], k: int, encoding: str, token_chunk: int, seed: int
+    layout: list[tuple[int, int]], k: int, encoding: str, feature_encoding: str, token_chunk: int, seed: int
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache.zarr"
-        fp = fingerprint(k=k, encoding=encoding)
+        fp = fingerprint(k=k, encoding=encoding, feature_encoding=feature_encoding)
         manifest, truth, images = build(path, fp, layout, seed=seed, token_chunk=token_chunk)
         reader = store.CacheReader(path, fp, manifest, max_shards=1)  # LRU of one: shards get evicted
-        check_reads(reader, truth, images, encoding)
+        check_reads(reader, truth, images, encoding, feature_encoding)
         assert reader.record_index() == {
             f"s{s}-r{r}": (f"shard-{s:06d}.tar", r) for s, (n, _) in enumerate(layout) for r in range(n)
         }
@@ -128,6 +134,7 @@ def test_layout_dtypes_and_attrs(tmp_path: Path) -> None:
     assert g["topk_head"].dtype == np.float16 and g["topk_gaps"].dtype == np.uint8
     assert g["target_logprob"].dtype == np.float32 and g["token_offsets"].dtype == np.int64
     assert g["features"].dtype == np.float16 and g["features"].shape == (2, 3, 5)
+    assert "feature_scales" not in g
     assert g["record_keys"][:].tolist() == ["s0-r0", "s0-r1", "s0-r2"]
     n = int(g["token_offsets"][-1])
     assert {**g.attrs} == {
@@ -136,8 +143,29 @@ def test_layout_dtypes_and_attrs(tmp_path: Path) -> None:
         "images": 2,
         "k": 4,
         "encoding": "uint8_log",
+        "feature_encoding": "float16",
         "complete": True,
     }
+
+
+def test_int8_features_layout_and_error_bound(tmp_path: Path) -> None:
+    """int8: one int8 per value plus one float32 scale per token; every value within scale / 2."""
+    fp = fingerprint(k=4, feature_encoding="int8")
+    manifest, _, images = build(tmp_path / "c.zarr", fp, [(2, 3), (1, 0)])
+    g = store.open_cache(tmp_path / "c.zarr", fp, mode="r")["shard-000000.tar"]
+    assert g["features"].dtype == np.int8 and g["features"].shape == (3, 3, 5)
+    assert g["feature_scales"].dtype == np.float32 and g["feature_scales"].shape == (3, 3)
+    empty = store.open_cache(tmp_path / "c.zarr", fp, mode="r")["shard-000001.tar"]
+    assert empty["feature_scales"].shape == (0, 0)  # a shard without images has the arrays too
+    reader = store.CacheReader(tmp_path / "c.zarr", fp, manifest)
+    keys = list(images)
+    got, want = reader.features(keys), np.stack([images[k] for k in keys])
+    scale = np.abs(want).max(axis=-1, keepdims=True) / 127
+    assert (np.abs(got - want) <= scale / 2 * (1 + 1e-5)).all()
+    assert np.abs(got - want).max() > 0  # it is lossy: the test can fail
+    with pytest.raises(CacheError) as err:  # another feature encoding is another cache
+        store.CacheReader(tmp_path / "c.zarr", fingerprint(k=4, feature_encoding="float16"), manifest)
+    assert "feature_encoding: the cache has 'int8', expected 'float16'" in str(err.value)
 
 
 def test_rows_are_flushed_per_chunk_before_commit(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
@@ -98,26 +98,44 @@ def to_geochat(
 
 
 def geochat_config(v0: int, **extra) -> dict:
+    """Every field of MBZUAI/geochat-7B's config.json (LLaVA-1.5's saved GeoChatConfig under transformers
+    4.31), at the tiny shapes: the converter must take the published file as it is."""
     return {
+        "_name_or_path": "/checkpoints/llava-v1.5-7b-geochat-merged",
         "architectures": ["GeoChatLlamaForCausalLM"],
-        "model_type": "geochat",
-        "vocab_size": v0,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "freeze_mm_mlp_adapter": False,
         "hidden_act": "silu",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-        "mm_hidden_size": 32,
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
+        "hidden_size": 64,
         "image_aspect_ratio": "pad",
+        "image_grid_pinpoints": None,
+        "initializer_range": 0.02,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+        "mm_hidden_size": 32,
+        "mm_projector_lr": None,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "model_type": "geochat",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 4,
+        "pad_token_id": 0,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.31.0",
+        "tune_mm_mlp_adapter": False,
+        "use_cache": True,
+        "use_mm_proj": True,
+        "vocab_size": v0,
         **extra,
     }
 
@@ -143,7 +161,10 @@ def write_geochat(folder: Path, sd: dict[str, torch.Tensor], tok, fmt: str, **co
             torch.save(shard, folder / name)
         weight_map.update(dict.fromkeys(part, name))
     index = f"{stem}.{ext}.index.json"
-    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (folder / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "transformers_version": "4.31.0"}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
     return folder
 
 
@@ -244,9 +265,16 @@ def test_layout_problems_are_refused(tmp_path):
     with pytest.raises(ModelError, match=r"model\.image_newline"):
         convert_geochat_checkpoint(odd, tmp_path / "out", {"num_attention_heads": 4})
     short = {**sd, "model.embed_tokens.weight": sd["model.embed_tokens.weight"][:-2]}
+    mismatched = write_geochat(tmp_path / "rows", short, tok, "safetensors")
+    with pytest.raises(ModelError, match=r"lm_head has .* rows, embed_tokens"):
+        convert_geochat_checkpoint(mismatched, tmp_path / "out", {"num_attention_heads": 4})
+    short["lm_head.weight"] = sd["lm_head.weight"][:-2]  # the tokenizer's last 2 are learnt, not added
     wrong_vocab = write_geochat(tmp_path / "vocab", short, tok, "safetensors")
     with pytest.raises(ModelError, match="rows but the tokenizer"):
         convert_geochat_checkpoint(wrong_vocab, tmp_path / "out", {"num_attention_heads": 4})
+    unpadded = write_geochat(tmp_path / "unpadded", padded(sd, v0 + 3), tok, "safetensors")
+    with pytest.raises(ModelError, match="neither padding"):  # 3 extra rows: not a multiple of 64
+        convert_geochat_checkpoint(unpadded, tmp_path / "out", {"num_attention_heads": 4})
     heads = write_geochat(tmp_path / "heads", sd, tok, "safetensors")
     with pytest.raises(ModelError, match="do not fit"):  # a config override that contradicts the weights
         convert_geochat_checkpoint(
@@ -268,3 +296,61 @@ def test_cli(tmp_path, capsys):
     assert model.dtype == torch.float16
     assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
     assert "no config.json" in capsys.readouterr().err
+
+
+def padded(sd: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """Embedding and lm_head grown to ``rows`` with random rows (how llava-hf pads to a multiple of 64)."""
+    gen = torch.Generator().manual_seed(5)
+    out = dict(sd)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = sd[key]
+        out[key] = torch.cat([w, torch.randn(rows - w.shape[0], w.shape[1], generator=gen)])
+    return out
+
+
+def test_a_padded_vocabulary_is_trimmed_with_a_note(tmp_path, capsys):
+    """GeoChat-7B in the published layout (sharded .bin + index), its vocabulary padded to 64 rows."""
+    tok = llama_like_tokenizer()
+    v0 = len(tok)
+    rows = (v0 // 64 + 1) * 64  # e.g. 192 rows for 150 tokens, as 32064 for 32002
+    ref = reference_model(v0)
+    src = write_geochat(tmp_path / "geochat", padded(to_geochat(ref, v0), rows), tok, "bin-sharded")
+    assert main([str(src), str(tmp_path / "hf"), "--vision", '{"num_attention_heads": 4}']) == 0
+    assert f"rows {v0}..{rows - 1} pad the vocabulary" in capsys.readouterr().err
+    record = json.loads((tmp_path / "hf" / "conversion.json").read_text())
+    assert record["source_vocab_rows"] == rows and record["vocab_size"] == v0 + 1
+    assert len(record["notes"]) == 1 and "dropped" in record["notes"][0]
+    model, hf_tok, _ = load_for_inference(tmp_path / "hf", device="cpu")
+    assert len(hf_tok) == v0 + 1 == model.config.text_config.vocab_size
+    ids, pixels = inputs(v0, 16)
+    with torch.no_grad():  # the padding was never part of the model: the logits are the reference's
+        assert torch.equal(
+            model(input_ids=ids, pixel_values=pixels).logits, ref(input_ids=ids, pixel_values=pixels).logits
+        )
+
+
+def test_added_tokens_beyond_the_rows_get_mean_rows_with_a_note(tmp_path):
+    """llava-hf's tokenizer (<image>, <pad> added) over GeoChat's rows: two new rows, not a refusal."""
+    tok = llama_like_tokenizer()
+    v0 = len(tok)
+    ref = reference_model(v0)
+    sd = to_geochat(ref, v0)
+    hf_like = llama_like_tokenizer()
+    hf_like.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    hf_like.add_special_tokens({"pad_token": "<pad>"})
+    src = write_geochat(tmp_path / "geochat", sd, tok, "safetensors")
+    hf_like.save_pretrained(tmp_path / "tok")
+    dst = convert_geochat_checkpoint(
+        src, tmp_path / "hf", {"num_attention_heads": 4}, tokenizer_dir=tmp_path / "tok"
+    )
+    (note,) = json.loads((dst / "conversion.json").read_text())["notes"]
+    assert "['<image>', '<pad>']" in note and "mean of the trained rows" in note
+    model, hf_tok, _ = load_for_inference(dst, device="cpu")
+    assert len(hf_tok) == v0 + 2 == model.config.text_config.vocab_size
+    assert model.config.image_token_id == v0 and hf_tok.pad_token == "<pad>"
+    emb = model.get_input_embeddings().weight.detach()
+    assert torch.equal(emb[v0 + 1], sd["model.embed_tokens.weight"].mean(0))
+    ids, pixels = inputs(v0, 16)
+    with torch.no_grad():
+        got = model(input_ids=ids, pixel_values=pixels).logits[..., : v0 + 1]
+        assert torch.equal(got, ref(input_ids=ids, pixel_values=pixels).logits)

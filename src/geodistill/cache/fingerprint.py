@@ -7,8 +7,8 @@ every differing field, and the readers (``distill.kd``, the benchmarks) compute 
 Fields: ``teacher_sha256``, ``tokenizer_sha256`` (the teacher folder's recorded fingerprint),
 ``manifest_sha256`` (the shard contents), ``template``, ``vocab_size``, ``max_len`` (the longest
 tokenised record, the teacher's context length), ``k``, ``pooling``, ``encoding`` (``CacheConfig``),
-``feature_dtype`` (how projector features are stored) and ``teacher_dtype`` (the dtype of the teacher
-pass: a bf16 pass gives other log-probs than a float32 one).
+``feature_encoding`` (how projector features are stored: ``cache.feature_codec``) and ``teacher_dtype``
+(the dtype of the teacher pass: a bf16 pass gives other log-probs than a float32 one).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from geodistill.cache import codec
-from geodistill.config import CacheConfig, Encoding
+from geodistill.cache import codec, feature_codec
+from geodistill.config import CacheConfig, Encoding, FeatureEncoding
 from geodistill.data.shards import manifest_hash
 from geodistill.data.template import TEMPLATE_NAME
 from geodistill.errors import CacheError
@@ -29,9 +29,7 @@ from geodistill.models.checkpoints import model_fingerprint, resolve
 
 TEACHER_DTYPE = torch.float32
 """The dtype the builder runs the teacher in (CPU default; docs/design.md, "Precision")."""
-FEATURE_DTYPE = "float16"
-"""How the store keeps projector features."""
-LAYOUT_FIELDS = ("vocab_size", "k", "encoding")
+LAYOUT_FIELDS = ("vocab_size", "k", "encoding", "feature_encoding")
 """Fields the store itself needs: they fix the arrays' shapes and dtypes."""
 
 
@@ -47,10 +45,11 @@ def make_fingerprint(
     pooling: int,
     encoding: Encoding,
     teacher_dtype: torch.dtype,
-    feature_dtype: str = FEATURE_DTYPE,
+    feature_encoding: FeatureEncoding = CacheConfig.feature_encoding,
 ) -> dict[str, Any]:
     """The fingerprint from its fields, as it reads back from the store's JSON attrs."""
     codec.check_encoding(encoding)
+    feature_codec.check_feature_encoding(feature_encoding)
     return jsonable(
         {
             "teacher_sha256": teacher_sha256,
@@ -62,7 +61,7 @@ def make_fingerprint(
             "k": int(k),
             "pooling": int(pooling),
             "encoding": encoding,
-            "feature_dtype": feature_dtype,
+            "feature_encoding": feature_encoding,
             "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
         }
     )
@@ -106,11 +105,16 @@ def cache_fingerprint(
         pooling=cfg.pooling,
         encoding=cfg.encoding,
         teacher_dtype=teacher_dtype,
+        feature_encoding=cfg.feature_encoding,
     )
 
 
 def scratch_fingerprint(
-    vocab_size: int, k: int, encoding: Encoding, pooling: int = 1
+    vocab_size: int,
+    k: int,
+    encoding: Encoding,
+    pooling: int = 1,
+    feature_encoding: FeatureEncoding = CacheConfig.feature_encoding,
 ) -> dict[str, Any]:
     """A fingerprint with placeholder hashes, for a store one process writes and reads (benchmarks)."""
     return make_fingerprint(
@@ -124,6 +128,7 @@ def scratch_fingerprint(
         pooling=pooling,
         encoding=encoding,
         teacher_dtype=TEACHER_DTYPE,
+        feature_encoding=feature_encoding,
     )
 
 
@@ -155,6 +160,7 @@ def check_layout_fields(fp: Mapping[str, Any]) -> None:
     if missing:
         raise CacheError(f"the cache fingerprint lacks {', '.join(missing)} (use make_fingerprint)")
     codec.check_encoding(fp["encoding"])
+    feature_codec.check_feature_encoding(fp["feature_encoding"])
     if int(fp["k"]) < 1:
         raise CacheError(f"fingerprint k must be >= 1, got {fp['k']}")
     codec.id_dtype(int(fp["vocab_size"]))

@@ -10,8 +10,11 @@ Layout (docs/design.md, "Teacher cache")::
         <value arrays>   (N, k) / ...   per cache.codec.value_arrays(encoding, k)
         target_logprob   (N,)           float32, exact teacher log-prob of the ground-truth token
         image_keys       (I,)           str
-        features         (I, P, D)      float16 projector outputs (after pooling)
-                                        attrs: records, tokens, images, k, encoding, then complete = true
+        features         (I, P, D)      projector outputs (after pooling), stored per the fingerprint's
+                                        feature_encoding: float32, float16 or int8
+        feature_scales   (I, P)         float32, int8 only: per-token absmax / 127 (cache.feature_codec)
+                                        attrs: records, tokens, images, k, encoding, feature_encoding,
+                                        then complete = true
 
 Writing streams: a :class:`ShardWriter` buffers rows and flushes whole chunks, so a shard with millions
 of tokens (or gigabytes of 13B-teacher features) never sits in memory; the counts and ``complete`` go
@@ -43,7 +46,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from geodistill.cache import codec
+from geodistill.cache import codec, feature_codec
 from geodistill.cache.fingerprint import check_layout_fields, fingerprint_mismatch, jsonable
 from geodistill.errors import CacheError
 
@@ -150,11 +153,14 @@ class ShardWriter:
         vocab_size: int,
         k: int,
         encoding: str,
+        feature_encoding: str,
         token_chunk: int = TOKEN_CHUNK,
         feature_chunk_bytes: int = FEATURE_CHUNK_BYTES,
     ) -> None:
         self.group = group
         self.vocab_size, self.k, self.encoding = vocab_size, k, encoding
+        self.feature_encoding = feature_encoding
+        self._feat_specs = feature_codec.feature_arrays(feature_encoding)
         self.token_chunk = token_chunk
         self.feature_chunk_bytes = feature_chunk_bytes
         self.committed = False
@@ -180,7 +186,7 @@ class ShardWriter:
         self._token_buf: dict[str, list[np.ndarray]] = {n: [] for n in self._token_specs}
         self._token_pending = 0
         self._tokens_written = 0
-        self._feat_buf: list[np.ndarray] = []
+        self._feat_buf: dict[str, list[np.ndarray]] = {n: [] for n in self._feat_specs}
         self._feat_shape: tuple[int, int] | None = None
         self._feat_chunk = 1
         self._images_written = 0
@@ -243,42 +249,53 @@ class ShardWriter:
     # -- images ----------------------------------------------------------------------------------
 
     def add_image(self, key: str, features: np.ndarray) -> None:
-        """Append one image's projector features, (P, D), stored as float16."""
+        """Append one image's projector features, (P, D) floats, stored per ``feature_encoding``."""
         self._check_open()
         if key in self._seen_images:
             raise CacheError(f"image {key!r} added twice to shard {self.group.basename!r}")
         feats = np.asarray(features)
         if feats.ndim != 2:
             raise CacheError(f"image {key!r}: features must be (P, D), got shape {feats.shape}")
-        if not np.isfinite(feats).all():
-            raise CacheError(f"image {key!r}: features contain non-finite values")
         if self._feat_shape is None:
             p, d = feats.shape
             self._feat_shape = (p, d)
-            self._feat_chunk = max(1, self.feature_chunk_bytes // max(1, p * d * 2))
-            chunks = (self._feat_chunk, p, d)
-            self.group.create_array(
-                "features", shape=(0, p, d), dtype=np.float16, chunks=chunks, compressors=COMPRESSOR
-            )
+            per_image = feature_codec.feature_bytes(p, d, self.feature_encoding)
+            self._feat_chunk = max(1, self.feature_chunk_bytes // max(1, per_image))
+            self._create_feature_arrays(p, d)
         elif feats.shape != self._feat_shape:
             raise CacheError(f"image {key!r}: features {feats.shape}, earlier images had {self._feat_shape}")
-        f16 = feats.astype(np.float16)
-        if not np.isfinite(f16).all():
-            raise CacheError(f"image {key!r}: features overflow float16 (|x| > 65504)")
-        self._feat_buf.append(f16)
+        try:
+            encoded = feature_codec.encode_features(feats, self.feature_encoding)
+        except CacheError as e:
+            raise CacheError(f"image {key!r}: {e}") from e
+        for name, arr in encoded.items():
+            self._feat_buf[name].append(arr)
         self._seen_images.add(key)
         self._image_keys.append(key)
-        if len(self._feat_buf) >= self._feat_chunk:
+        if len(self._feat_buf["features"]) >= self._feat_chunk:
             self._flush_features()
 
+    def _create_feature_arrays(self, p: int, d: int) -> None:
+        for name, (ndim, dtype) in self._feat_specs.items():
+            trail = (p, d)[:ndim]
+            self.group.create_array(
+                name,
+                shape=(0, *trail),
+                dtype=dtype,
+                chunks=(self._feat_chunk, *(max(t, 1) for t in trail)),
+                compressors=COMPRESSOR,
+            )
+
     def _flush_features(self) -> None:
-        if not self._feat_buf:
+        n = len(self._feat_buf["features"])
+        if not n:
             return
-        start, stop = self._images_written, self._images_written + len(self._feat_buf)
-        arr = self.group["features"]
-        arr.resize((stop, *arr.shape[1:]))
-        arr[start:stop] = np.stack(self._feat_buf)
-        self._feat_buf = []
+        start, stop = self._images_written, self._images_written + n
+        for name, buf in self._feat_buf.items():
+            arr = self.group[name]
+            arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = np.stack(buf)
+            self._feat_buf[name] = []
         self._images_written = stop
 
     # -- commit ----------------------------------------------------------------------------------
@@ -288,10 +305,8 @@ class ShardWriter:
         self._check_open()
         self._flush_tokens(final=True)
         self._flush_features()
-        if self._feat_shape is None:  # a shard without images still has the array readers expect
-            self.group.create_array(
-                "features", shape=(0, 0, 0), dtype=np.float16, chunks=(1, 1, 1), compressors=COMPRESSOR
-            )
+        if self._feat_shape is None:  # a shard without images still has the arrays readers expect
+            self._create_feature_arrays(0, 0)
         n_rec = len(self._record_keys)
         chunks = (max(1, min(n_rec, TOKEN_CHUNK)),)
         self.group.create_array("record_keys", data=_strings(self._record_keys), chunks=chunks)
@@ -305,7 +320,9 @@ class ShardWriter:
         chunks = (max(1, min(n_img, TOKEN_CHUNK)),)
         self.group.create_array("image_keys", data=_strings(self._image_keys), chunks=chunks)
         counts = {"records": n_rec, "tokens": self._tokens_written, "images": n_img}
-        self.group.update_attributes({**counts, "k": self.k, "encoding": self.encoding})
+        self.group.update_attributes(
+            {**counts, "k": self.k, "encoding": self.encoding, "feature_encoding": self.feature_encoding}
+        )
         # Separate, final write: only a group whose every array and count is on disk claims completeness.
         self.group.update_attributes({"complete": True})
         self.committed = True
@@ -372,6 +389,7 @@ class CacheWriter:
             vocab_size=int(fp["vocab_size"]),
             k=int(fp["k"]),
             encoding=str(fp["encoding"]),
+            feature_encoding=str(fp["feature_encoding"]),
             token_chunk=self.token_chunk,
             feature_chunk_bytes=self.feature_chunk_bytes,
         )
@@ -392,7 +410,7 @@ class _ShardData:
 
     offsets: np.ndarray  # (R+1,) int64
     arrays: dict[str, np.ndarray]  # topk_ids (N, k), value arrays, target_logprob (N,)
-    features: np.ndarray | zarr.Array  # (I, P, D) float16, in memory when small
+    features: dict[str, np.ndarray | zarr.Array]  # feature_codec arrays, encoded; in memory when small
 
 
 class CacheReader:
@@ -421,6 +439,7 @@ class CacheReader:
         self.max_feature_bytes = max_feature_bytes
         self.k = int(self.fingerprint["k"])
         self.encoding = str(self.fingerprint["encoding"])
+        self.feature_encoding = str(self.fingerprint["feature_encoding"])
         self._root: zarr.Group | None = None
         self._loaded: OrderedDict[str, _ShardData] = OrderedDict()
         self._records: dict[str, tuple[str, int]] | None = None
@@ -470,9 +489,10 @@ class CacheReader:
             got = g[name].shape if name in g else None
             if got != shape:
                 out.append(f"array {name} has shape {got}, expected {shape}")
-        n_feat = g["features"].shape[0] if "features" in g else None
-        if n_feat != i:
-            out.append(f"array features holds {n_feat} images, expected {i}")
+        for name in feature_codec.feature_arrays(self.feature_encoding):
+            n_feat = g[name].shape[0] if name in g else None
+            if n_feat != i:
+                out.append(f"array {name} holds {n_feat} images, expected {i}")
         return out
 
     # -- indices ---------------------------------------------------------------------------------
@@ -507,12 +527,13 @@ class CacheReader:
             return data
         g = self.root[name]
         names = ["topk_ids", *codec.value_arrays(self.encoding, self.k), "target_logprob"]
-        feats = g["features"]
-        nbytes = int(np.prod(feats.shape)) * 2
+        feats = {n: g[n] for n in feature_codec.feature_arrays(self.feature_encoding)}
+        nbytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in feats.values())
+        small = nbytes <= self.max_feature_bytes
         data = _ShardData(
             offsets=g["token_offsets"][:],
             arrays={n: g[n][:] for n in names},
-            features=feats[:] if nbytes <= self.max_feature_bytes else feats,
+            features={n: a[:] if small else a for n, a in feats.items()},
         )
         self._loaded[name] = data
         if self.max_shards is not None:
@@ -548,16 +569,18 @@ class CacheReader:
         return [t for t in out if t is not None]
 
     def features(self, image_keys: Sequence[str]) -> np.ndarray:
-        """(B, P, D) float16 projector features of the given images, in order."""
+        """(B, P, D) float32 projector features of the given images, in order, decoded from the stored
+        ``feature_encoding`` (the error bounds: ``cache.feature_codec``)."""
         index = self.image_index()
         rows: list[np.ndarray] = []
         for key in image_keys:
             if key not in index:
                 raise CacheError(f"image {key!r} is not in the teacher cache {self.path}")
             shard, row = index[key]
-            rows.append(np.asarray(self._shard(shard).features[row]))
+            stored = {n: np.asarray(a[row]) for n, a in self._shard(shard).features.items()}
+            rows.append(feature_codec.decode_features(stored, self.feature_encoding))
         if not rows:
-            return np.zeros((0, 0, 0), dtype=np.float16)
+            return np.zeros((0, 0, 0), dtype=np.float32)
         return np.stack(rows)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def gather_targets(reader: CacheReader, examples: Sequence[Example], batch: Batc
             )
         ids.append(torch.from_numpy(row.ids[:n]))
         lps.append(torch.from_numpy(row.logprobs[:n]))
-    feats = torch.from_numpy(reader.features([ex.sample_key for ex in examples]).astype("float32"))
+    feats = torch.from_numpy(reader.features([ex.sample_key for ex in examples]))  # decoded float32
     return CachedTargets(torch.cat(ids).long(), torch.cat(lps).float(), kl_mask, feats)
 
 

@@ -34,6 +34,19 @@ converter adds ``<image>`` as a special token at id ``len(tokenizer)`` and grows
 deterministic, and the input row is never read since image features replace it). A tokenizer without
 a pad token gets ``pad = unk`` (LLaVA's vicuna_v1 choice), so no further rows. The model vocabulary
 equals ``len(tokenizer)``: no padding to a multiple of 64 (llava-hf pads; we keep vocab == tokenizer).
+
+Vocabulary size. ``embed_tokens``/``lm_head`` rows must match the tokenizer; two mismatches are
+resolved, with a note, and anything else is refused (a different tokenizer):
+
+- more rows than tokens, the row count a multiple of 64 and at most 64 rows over (a vocabulary
+  padded for the GPU, e.g. 32064 rows for llava-hf's 32002 tokens): the rows past the tokenizer are
+  padding no token id reaches; they are dropped.
+- fewer rows than tokens, every missing id an *added* token of the tokenizer (e.g. llava-hf's
+  ``<image>`` and ``<pad>`` over GeoChat's 32000 rows): their rows are added as the mean of the
+  trained rows, as above; they start untrained.
+
+The notes go to the returned folder's ``conversion.json`` (with the source and the row counts) and
+the CLI prints them.
 Loading the Llama ``tokenizer.model`` needs the ``sentencepiece`` and ``protobuf`` packages unless the
 folder has a ``tokenizer.json``; ``--tokenizer`` points at another folder.
 
@@ -100,6 +113,10 @@ _RENAMES = (
     ("lm_head.", "language_model.lm_head."),
 )
 # Buffers transformers recomputes; old checkpoints saved them.
+PAD_MULTIPLE = 64
+"""Vocabularies padded for the GPU round their rows up to a multiple of this (llava-hf: 32064)."""
+CONVERSION_FILE = "conversion.json"
+"""The converted folder's record of the conversion: source, vocabulary rows, notes."""
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.position_ids)$")
 # llava-hf disk layout -> transformers 5 module tree, to check names and shapes against the real model.
 _DISK_TO_MODULE = (
@@ -359,12 +376,17 @@ def convert_geochat_checkpoint(
         files = WeightFiles(src, stack)
         plan = _plan_keys(files, src)
         vision, vision_dir = _vision(raw, files, plan, vision_config_dir_or_dict, image_size, stack)
-        _complete_tokenizer(tok, raw, files.shape(plan[EMBED][1])[0], src)
+        rows_n = files.shape(plan[EMBED][1])[0]
+        if (head_n := files.shape(plan[LM_HEAD][1])[0]) != rows_n:
+            raise ModelError(f"{src}: lm_head has {head_n} rows, embed_tokens {rows_n}; they must agree")
+        keep, notes = _complete_tokenizer(tok, raw, rows_n, src)
         config = _llava_config(raw, vision, tok)
         vocab, grid = len(tok), vision["image_size"] // vision["patch_size"]
         _check_shapes(config, plan, vocab, grid, src)
         with atomic_dir(dst) as tmp:  # the output folder appears only when complete
-            config.dtype = _write_shards(tmp, _tensors(plan, vocab, grid, dtype), shard_bytes)
+            config.dtype = _write_shards(tmp, _tensors(plan, keep, vocab, grid, dtype), shard_bytes)
+            record = {"source": str(src.resolve()), "source_vocab_rows": rows_n, "vocab_size": vocab}
+            (tmp / CONVERSION_FILE).write_text(json.dumps({**record, "notes": notes}, indent=2) + "\n")
             config.save_pretrained(str(tmp))
             GenerationConfig(
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
@@ -453,8 +475,11 @@ def _vision(
     return vision, vision_dir
 
 
-def _complete_tokenizer(tok: Any, raw: dict[str, Any], rows_n: int, src: Path) -> None:
-    """Add ``<image>`` (and pad = unk) in place, so the model vocabulary equals ``len(tok)``."""
+def _complete_tokenizer(tok: Any, raw: dict[str, Any], rows_n: int, src: Path) -> tuple[int, list[str]]:
+    """Add ``<image>`` (and pad = unk) in place, so the model vocabulary equals ``len(tok)``.
+
+    Returns how many of the source's ``rows_n`` embedding rows to keep (the rest is padding) and the
+    notes on any resize (module docstring, "Vocabulary size")."""
     if (
         rows_n == len(tok) + 1
         and raw.get("mm_use_im_patch_token", True)
@@ -462,17 +487,41 @@ def _complete_tokenizer(tok: Any, raw: dict[str, Any], rows_n: int, src: Path) -
     ):
         # builder.py adds <im_patch> (id 32000) when mm_use_im_patch_token is set; keep its row.
         tok.add_tokens([AddedToken("<im_patch>", special=True, normalized=False)], special_tokens=True)
-    if rows_n != len(tok):
-        raise ModelError(
-            f"{src}: embed_tokens has {rows_n} rows but the tokenizer has {len(tok)} tokens; use the "
-            "tokenizer these weights were trained with (--tokenizer)"
-        )
+    keep, notes = _vocab_rows(tok, rows_n, src)
     if IMAGE not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE, special=True, normalized=False)], special_tokens=True)
     if tok.pad_token is None:
         if tok.unk_token is None:
             raise ModelError(f"{src}: the tokenizer has neither a pad nor an unk token to pad with")
         tok.pad_token = tok.unk_token
+    return keep, notes
+
+
+def _vocab_rows(tok: Any, rows_n: int, src: Path) -> tuple[int, list[str]]:
+    """Source embedding rows to keep, and notes, when ``rows_n`` and ``len(tok)`` differ in a known way."""
+    n_tok = len(tok)
+    if rows_n > n_tok and rows_n % PAD_MULTIPLE == 0 and rows_n - n_tok <= PAD_MULTIPLE:
+        return n_tok, [
+            f"embed_tokens and lm_head have {rows_n} rows for a tokenizer of {n_tok} tokens: rows "
+            f"{n_tok}..{rows_n - 1} pad the vocabulary to a multiple of {PAD_MULTIPLE} and no token id "
+            "reaches them; dropped"
+        ]
+    missing = range(rows_n, n_tok)
+    added = set(tok.added_tokens_decoder)
+    if rows_n < n_tok and all(i in added for i in missing):
+        names = tok.convert_ids_to_tokens(list(missing))
+        return rows_n, [
+            f"the tokenizer has {n_tok} tokens but embed_tokens and lm_head only {rows_n} rows: rows for "
+            f"its added tokens {names} (ids {rows_n}..{n_tok - 1}) are added as the mean of the trained "
+            "rows; they start untrained"
+        ]
+    if rows_n != n_tok:
+        raise ModelError(
+            f"{src}: embed_tokens has {rows_n} rows but the tokenizer has {n_tok} tokens (neither padding "
+            f"to a multiple of {PAD_MULTIPLE} nor added tokens); use the tokenizer these weights were "
+            "trained with (--tokenizer)"
+        )
+    return rows_n, []
 
 
 def _llava_config(raw: dict[str, Any], vision: dict[str, Any], tok: Any) -> LlavaConfig:
@@ -531,14 +580,17 @@ def _transform(vision_dir: Path | None, size: int, raw: dict[str, Any]) -> Image
 
 
 def _tensors(
-    plan: dict[str, tuple[WeightFiles, str]], vocab: int, grid: int, dtype: torch.dtype | None
+    plan: dict[str, tuple[WeightFiles, str]], keep: int, vocab: int, grid: int, dtype: torch.dtype | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The converted tensors; embedding and lm_head rows: the first ``keep`` source rows (the rest is
+    padding), then new token rows up to ``vocab``."""
     for disk_key, (files, key) in plan.items():
         t = files.get(key)
-        if disk_key in (EMBED, LM_HEAD) and t.shape[0] < vocab:
-            # New token rows (<image>) = mean of the existing rows, computed in fp32.
-            mean = t.float().mean(dim=0, keepdim=True).to(t.dtype)
-            t = torch.cat([t, mean.expand(vocab - t.shape[0], -1)])
+        if disk_key in (EMBED, LM_HEAD):
+            t = t[:keep]
+            if keep < vocab:  # new token rows (<image>, ...) = mean of the trained rows, computed in fp32
+                mean = t.float().mean(dim=0, keepdim=True).to(t.dtype)
+                t = torch.cat([t, mean.expand(vocab - keep, -1)])
         if disk_key == POS_EMB:
             t = interpolate_position_embedding(t, grid)
         if dtype is not None and t.is_floating_point():
@@ -632,7 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    for note in json.loads((out / CONVERSION_FILE).read_text())["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {out} (conversion record: {out / CONVERSION_FILE})")
     return 0
 
 

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from geodistill.cache import codec
+from geodistill.cache import codec, feature_codec
 from geodistill.models.features import pool_image_features
 from geodistill.plan.inputs import PRECISION_BYTES, RunPlan
 from geodistill.plan.shapes import ModelShape
 
 TARGET_LOGPROB_BYTES = 4  # float32 per cached token (cache/store.py)
 OFFSET_BYTES = 8  # int64 token_offsets per record
-INT8_SCALE_BYTES = 4  # int8 features: one fp32 scale per image token
 
 
 # ----------------------------------------------------------------------------------------- FLOPs
@@ -247,13 +246,11 @@ def cache_size(t: ModelShape, plan: RunPlan) -> CacheSize:
     )
     grid = torch.empty(1, t.image_tokens, 1, device="meta")
     pooled = pool_image_features(grid, plan.pooling).shape[1]  # its errors name a pooling the grid rejects
-    int8 = plan.feature_encoding == "int8"
-    per_row = t.hidden * (1 if int8 else 2) + (INT8_SCALE_BYTES if int8 else 0)
     return CacheSize(
         token_bytes=per_token,
         tokens=plan.records * plan.answer_tokens,
         image_tokens=pooled,
-        image_bytes=pooled * per_row,
+        image_bytes=feature_codec.feature_bytes(pooled, t.hidden, plan.feature_encoding),
         images=math.ceil(plan.records / plan.records_per_image),
         records=plan.records,
     )

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from geodistill.cache import codec
-from geodistill.config import SECTIONS, from_dict, read_params
+from geodistill.config import SECTIONS, CacheConfig, FeatureEncoding, from_dict, read_params
 from geodistill.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -84,8 +84,8 @@ class RunPlan:
     """Supervised tokens per record (the cache stores top-k for these)."""
     attention: Literal["sdpa", "eager"] = "sdpa"
     """sdpa keeps no T x T scores for backward; eager keeps the softmax output per head."""
-    feature_encoding: Literal["float16", "int8"] = "float16"
-    """Cached feature values: float16, or int8 with one fp32 scale per image token."""
+    feature_encoding: FeatureEncoding = CacheConfig.feature_encoding
+    """Cached feature values (``cache.feature_encoding``; bytes per image: cache.feature_codec)."""
 
     def problems(self) -> list[str]:
         out = [
@@ -238,6 +238,7 @@ def run_plan(
         "k": cache.k,
         "encoding": cache.encoding,
         "pooling": cache.pooling,
+        "feature_encoding": cache.feature_encoding,
         "steps": distill.train.steps,
         "live_teacher": distill.onpolicy.enabled,
         "vocab_size": typed["tokenizer"].vocab_size,
