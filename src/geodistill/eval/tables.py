@@ -66,15 +66,14 @@ def per_set_table(results: Sequence[ModelResults], task: str, columns: Callable[
     the task section."""
     names = set_names(results, task)
     groups = [(n, columns(n)) for n in names]
+    with_means = len(names) != 1  # no set at all: the means' columns, dashes (the intro says why)
     header = ["model"] + [f"{n} {label}" for n, cols in groups for label, _ in cols]
-    if len(names) > 1:
-        header += [f"mean {label}" for label, _ in means]
+    header += [f"mean {label}" for label, _ in means] if with_means else []
     rows = []
     for r in results:
         sets = set_metrics(r.metrics, task)
         row = [r.name] + [read(sets.get(n)) for n, cols in groups for _, read in cols]
-        if len(names) > 1:
-            row += [read(r.metrics.get(task)) for _, read in means]
+        row += [read(r.metrics.get(task)) for _, read in means] if with_means else []
         rows.append(row)
     return table(header, rows)
 
