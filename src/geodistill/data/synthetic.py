@@ -64,7 +64,7 @@ SCENE_OBJECTS: dict[str, dict[str, tuple[int, int]]] = {
 LR_QTYPES = ("presence", "comparison", "count", "rural_urban")
 """RSVQA-LR's question types (asked about low-resolution images)."""
 HR_QTYPES = ("presence", "comparison", "count")
-"""HR-style types (full resolution): colour-bound presence, equal/more comparisons, counts in a half."""
+"""HR-style types (full resolution): colour-bound presence, equal/fewer comparisons, counts in a half."""
 
 #: Two training wordings per class; a training prompt lists each class under one of them, at random.
 SCENE_NAMES: dict[str, tuple[str, str]] = {
@@ -151,10 +151,6 @@ class SceneObject:
     @property
     def phrase(self) -> str:
         return f"{self.colour} {self.category}"
-
-    @property
-    def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.category}"
 
 
 @dataclass(frozen=True)
