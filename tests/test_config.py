@@ -116,3 +116,32 @@ def test_reading_a_config_imports_neither_torch_nor_numpy():
     code = "import sys, geodistill.config; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_benchmark_sets_are_validated_all_at_once():
+    """Several sets per task; every problem of every set in one error, unknown keys included."""
+    raw = {"benchmarks": {
+        "scene": [{"name": "aid", "dir": "/d/AID"}, {"name": "u cm", "dir": ""}],
+        "vqa": [{"name": "lr", "dir": "/d/LR", "prefix": "LR_split_test", "image": "x"},
+                {"name": "hr", "dir": "/d"}],
+        "referring": [{"name": "geochat", "path": "r.jsonl", "image_dir": ""}],
+        "grounding": [],
+    }}  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(config.EvalConfig, raw, "eval")
+    msg = str(e.value)
+    for fragment in (
+        "eval.benchmarks.grounding: unknown key (valid: referring, region_caption, scene, vqa)",
+        "eval.benchmarks.vqa[0].image: unknown key",
+        "eval.benchmarks.vqa[1].prefix: missing",
+        "eval.benchmarks.scene[1]: name 'u cm' must be letters",
+        "eval.benchmarks.scene[1]: dir is empty",
+        "eval.benchmarks.referring[0]: image_dir is empty",
+    ):
+        assert fragment in msg, fragment
+    ok = {"benchmarks": {"scene": [{"name": "aid", "dir": "/d/AID"}, {"name": "aid", "dir": "/d/UCM"}]}}
+    with pytest.raises(ConfigError, match=r"scene: set names \['aid'\] repeat"):
+        config.from_dict(config.EvalConfig, ok, "eval")
+    two = {"benchmarks": {"scene": [{"name": "aid", "dir": "/d/AID"}, {"name": "ucm", "dir": "/d/UCM"}]}}
+    cfg = config.from_dict(config.EvalConfig, two, "eval")
+    assert [s.name for s in cfg.benchmarks.scene] == ["aid", "ucm"] and cfg.benchmarks.vqa == ()

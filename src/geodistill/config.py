@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -407,24 +408,88 @@ class DistillConfig:
 # ----------------------------------------------------------------------------------------- evaluation
 
 
+_SET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _set_name_problems(name: str) -> list[str]:
+    if not _SET_NAME_RE.fullmatch(name):
+        return [f"name {name!r} must be letters, digits, '_' or '-' (it names metric keys: scene/<name>_OA)"]
+    return []
+
+
+@dataclass(frozen=True)
+class SceneSetConfig:
+    """One scene-classification benchmark (AID, UCMerced): a folder of images per class."""
+
+    name: str
+    """The set's column in the report and its metric keys (``scene/<name>_OA``), e.g. aid, ucm."""
+    dir: str
+    """The dataset folder: ``<dir>/<class folder>/<image>``."""
+
+    def problems(self) -> list[str]:
+        return _set_name_problems(self.name) + ([] if self.dir else ["dir is empty (the dataset folder)"])
+
+
+@dataclass(frozen=True)
+class VqaSetConfig:
+    """One RSVQA split (LR or HR test set)."""
+
+    name: str
+    """The set's column and metric keys (``vqa/<name>_mOA``), e.g. lr, hr."""
+    dir: str
+    """Folder with the split's ``<prefix>_questions.json``, ``_answers.json``, ``_images.json``."""
+    prefix: str
+    """Prefix of the split files, e.g. LR_split_test (RSVQA-LR), USGS_split_test_phili (HRBEN)."""
+    image_dir: str = ""
+    """Image folder (Images_LR / Data); empty: ``dir``."""
+
+    def problems(self) -> list[str]:
+        out = _set_name_problems(self.name)
+        out += [] if self.dir else ["dir is empty (the folder of the RSVQA JSON files)"]
+        return out + ([] if self.prefix else ["prefix is empty (e.g. LR_split_test)"])
+
+
+@dataclass(frozen=True)
+class BenchFileSetConfig:
+    """One GeoChat-Bench file: referring/grounding JSONL or region-caption JSON(L), and its images."""
+
+    name: str
+    """The set's column and metric keys (``referring/<name>_acc@0.5``), e.g. geochat."""
+    path: str
+    """The benchmark file."""
+    image_dir: str
+    """Folder of its images (``<image_id>.png``)."""
+
+    def problems(self) -> list[str]:
+        out = _set_name_problems(self.name)
+        return out + [f"{f} is empty" for f in ("path", "image_dir") if not getattr(self, f)]
+
+
+def _duplicate_names(task: str, sets: tuple[Any, ...]) -> list[str]:
+    names = [s.name for s in sets]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    return [f"{task}: set names {dupes} repeat; each set needs its own name"] if dupes else []
+
+
 @dataclass(frozen=True)
 class BenchmarksConfig:
-    """Real benchmark locations; empty strings mean: use the prepared test split."""
+    """Real benchmarks, several per task, each evaluated and reported as its own column. A task with no
+    set here is evaluated on the prepared split's sets (the embedded benchmark writes its own)."""
 
-    scene_dir: str = ""
-    """AID / UCMerced layout: a folder per class."""
-    rsvqa_dir: str = ""
-    """RSVQA-LR/HR folder with the *_questions.json, *_answers.json, *_images.json files."""
-    rsvqa_prefix: str = "LR_split_test"
-    """Prefix of the RSVQA split files (e.g. LR_split_test, USGS_split_test_phili)."""
-    rsvqa_image_dir: str = ""
-    """RSVQA image folder (Images_LR / Data)."""
-    referring_jsonl: str = ""
-    """GeoChat-Bench referring/grounding JSONL."""
-    region_caption_json: str = ""
-    """GeoChat-Bench region-caption JSON."""
-    image_dir: str = ""
-    """Image folder for the GeoChat-Bench files."""
+    scene: tuple[SceneSetConfig, ...] = ()
+    """Scene classification, evaluated zero-shot: e.g. ``[{name: aid, dir: ...}, {name: ucm, dir: ...}]``."""
+    vqa: tuple[VqaSetConfig, ...] = ()
+    """RSVQA splits: e.g. ``[{name: lr, dir: .., prefix: LR_split_test, image_dir: ..}, {name: hr, ..}]``."""
+    referring: tuple[BenchFileSetConfig, ...] = ()
+    """GeoChat-Bench referring/grounding JSONL files: ``[{name: geochat, path: ..., image_dir: ...}]``."""
+    region_caption: tuple[BenchFileSetConfig, ...] = ()
+    """GeoChat-Bench region-caption JSON files, same fields as ``referring``."""
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for task in ("scene", "vqa", "referring", "region_caption"):
+            out += _duplicate_names(task, getattr(self, task))
+        return out
 
 
 @dataclass(frozen=True)
@@ -443,7 +508,7 @@ class EvalConfig:
     """Bad evaluation items (unreadable image, a path outside its folder, a malformed benchmark record):
     raise naming file/item/field, or skip them and list them in reports/eval/<model>/skipped.json."""
     benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
-    """Real benchmarks (override the prepared split per task)."""
+    """Real benchmarks per task (a task's sets here replace the prepared split's sets of that task)."""
 
 
 # ---------------------------------------------------------------------------------------------- loader

@@ -9,7 +9,7 @@ from PIL import Image
 
 from geodistill.eval.report import write_report
 from geodistill.eval.results import MODELS
-from geodistill.eval.tasks import EVAL_TASKS, headline, no_set_reason
+from geodistill.eval.tasks import EVAL_TASKS, combine, headline, no_set_reason
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,16 +37,20 @@ def _details(name: str) -> dict:
     return {
         "model": name,
         "split": "test",
-        "scene": {"OA": s["OA"], "AA": s["OA"] - 0.01, "per_class": {"a": s["OA"]}, "confusion": [[1, 0]],
-                  "rows": ["a"], "cols": ["a", "<other>"], "n": N, "unparsed": 7},
-        "vqa": {"accuracy": {"presence": s["vqa"], "count": s["vqa"] - 0.1},
+        # Two scene sets (200 items each) around the model's OA, one set for every other task.
+        "scene": combine("scene", {
+            name: {"OA": s["OA"] + d, "AA": s["OA"] + d - 0.01, "per_class": {"a": s["OA"]},
+                   "confusion": [[1, 0]], "rows": ["a"], "cols": ["a", "<other>"], "n": N // 2, "unparsed": 7}
+            for name, d in (("aid", -0.02), ("ucm", 0.02))}),
+        "vqa": combine("vqa", {"lr": {"accuracy": {"presence": s["vqa"], "count": s["vqa"] - 0.1},
                 "n": {"presence": 200, "count": 200}, "mOA": s["vqa"], "OA": s["vqa"] - 0.05,
-                "n_total": N, "empty": 0},
-        "referring": {"n_items": N, "n_gt": 500, "n_pred": 450, "acc@0.5": s["g5"], "acc@0.25": s["g5"] + 0.1,
+                "n_total": N, "empty": 0}}),
+        "referring": combine("referring", {"geochat": {"n_items": N, "n_gt": 500, "n_pred": 450,
+                      "acc@0.5": s["g5"], "acc@0.25": s["g5"] + 0.1,
                       "unparsed": 11, "by_size": {"small": cell, "large": {**cell, "acc@0.5": 0.333}},
-                      "by_objects": {"single": cell, "multi": {**cell, "acc@0.5": 0.125}}},
-        "region_caption": {"n": N, "empty": 0, "rouge1": s["r1"], "rougeL": s["r1"] - 0.02,
-                       "meteor": s["r1"] / 2},
+                      "by_objects": {"single": cell, "multi": {**cell, "acc@0.5": 0.125}}}}),
+        "region_caption": combine("region_caption", {"geochat": {"n": N, "empty": 0, "rouge1": s["r1"],
+                       "rougeL": s["r1"] - 0.02, "meteor": s["r1"] / 2}}),
         "efficiency": {"params": {"total": 7_000_000_000 if name == "teacher" else 3_085_504,
                                   "language_model": 2_885_888}, "flops_per_sample": 839_057_408,
                        "new_tokens": 6, "latency_s": 0.25, "tokens_per_s": 24.0,
@@ -69,7 +73,8 @@ def _fake_pipeline(root: Path, models=MODELS) -> None:
         ev = root / "reports" / "eval" / name
         ev.mkdir(parents=True)
         (ev / "metrics.json").write_text(json.dumps(d))
-        Image.new("RGB", (20, 20), (k * 50, 0, 0)).save(ev / "confusion.png")
+        for scene_set in ("aid", "ucm"):
+            Image.new("RGB", (20, 20), (k * 50, 0, 0)).save(ev / f"confusion_{scene_set}.png")
         rows = []
         for i in range(3):
             pred = PREDICTIONS[(i + k) % 3]
@@ -110,8 +115,11 @@ def test_full_report(tmp_path):
                     "What distillation adds"):  # fmt: skip
         assert f"## {section}" in md
     # Numbers come from the full details, as percentages with one decimal.
-    assert "| student_kd | 400 | 80.0 | 79.0 | 7 |" in md
-    assert "| teacher | 400 | 70.0 | 60.0 | 70.0 | 65.0 |" in md  # presence, count, mOA, OA
+    # One column group per set (the paper's layout), then the task's mean over its sets.
+    assert "| model | aid n | aid OA | aid AA | aid no class named | ucm n | ucm OA | ucm AA | " in md
+    assert "| student_kd | 200 | 78.0 | 77.0 | 7 | 200 | 82.0 | 81.0 | 7 | 80.0 | 79.0 |" in md
+    assert "| model | lr n | lr presence | lr count | lr mOA |" in md  # one set: no mean columns
+    assert "| teacher | 400 | 70.0 | 60.0 | 70.0 |" in md  # presence, count, mOA
     assert "| student_sft | 400 | 20.0 | 30.0 | 20.0 | 33.3 | 20.0 | 12.5 | 11 |" in md
     assert "| student_control | 400 | 31.0 | 29.0 | 15.5 | 0 |" in md
     assert "7.00 G" in md and "3.09 M" in md and "839.06 M (6 new tok)" in md and "250.0" in md
@@ -129,7 +137,8 @@ def test_full_report(tmp_path):
     assert "scene OA 67%" in para
     assert "val token acc" in md and "43.2" in md
     figures = tmp_path / "reports" / "figures"
-    for name in ("referring.png", "losses.png", "confusion_student_kd.png"):
+    confusions = ("confusion_student_kd_aid.png", "confusion_student_kd_ucm.png")
+    for name in ("referring.png", "losses.png", *confusions):
         assert _is_png(figures / name), name
         assert f"figures/{name}" in md
     with Image.open(figures / "referring.png") as im:
@@ -148,14 +157,14 @@ def test_missing_models_and_summary_fallback(tmp_path):
     md = write_report(tmp_path).read_text()
     assert "Not evaluated, skipped: student_control." in md
     assert "| student_control |" not in md.split("## Figures")[0]  # (its training run is still listed)
-    assert "| student_kd | 400 | 80.0 | 79.0 | 7 |" in md
+    assert "| student_kd | 200 | 78.0 | 77.0 | 7 | 200 | 82.0 | 81.0 | 7 | 80.0 | 79.0 |" in md
     assert "student_control has not been evaluated" in md
     assert "cannot be told apart from the extra training steps" in md
     assert "No confusion matrix of student_kd" in md
     assert "(student_kd: no referring predictions)" in md
     assert "(student_control: no dvclive logs)" not in md  # its logs exist even though it was not evaluated
     assert _is_png(tmp_path / "reports" / "figures" / "referring.png")
-    assert not (tmp_path / "reports" / "figures" / "confusion_student_kd.png").exists()
+    assert not list((tmp_path / "reports" / "figures").glob("confusion_student_kd*.png"))
 
 
 def test_stale_summary_is_flagged_and_nothing_evaluated_still_writes(tmp_path):
@@ -179,17 +188,19 @@ def test_tasks_without_items_say_why_and_skips_are_counted(tmp_path):
     d = _details("student_kd")
     split = "data/prepared/test.jsonl"
     d["sets"] = {
-        t: {"source": split, "n": 0, "skipped": 0, "note": no_set_reason(t, split)} for t in EVAL_TASKS
+        t: {"main": {"source": split, "n": 0, "skipped": 0, "note": no_set_reason(t, split)}}
+        for t in EVAL_TASKS
     }
-    d["sets"]["scene"] = {"source": "AID", "n": 398, "skipped": 2}
+    d["sets"]["scene"] = {"aid": {"source": "AID", "n": 398, "skipped": 2}}
     for task in ("vqa", "referring", "region_caption"):
         del d[task]
     (tmp_path / "metrics" / "student_kd.json").write_text(json.dumps({"headline": headline(d)}))
     (tmp_path / "reports" / "eval" / "student_kd" / "metrics.json").write_text(json.dumps(d))
     md = write_report(tmp_path).read_text()
     notes = md.split("Tasks without evaluation items")[1].split("\n\n")[1]
-    assert "vqa: no evaluation items" in notes and "set eval.benchmarks.rsvqa_dir" in notes
-    assert "set eval.benchmarks.referring_jsonl" in notes and "eval.benchmarks.region_caption_json" in notes
+    assert "vqa: no evaluation items" in notes and "set eval.benchmarks.vqa" in notes
+    assert "set eval.benchmarks.referring" in notes and "eval.benchmarks.region_caption" in notes
     assert "scene" not in notes
+    assert "| model | scene/aid | vqa/main | referring/main | region_caption/main |" in md
     assert "| student_kd | 398 (2 skipped) | 0 | 0 | 0 |" in md
-    assert "| student_kd | – | – | – | – | – |" in md  # the region caption table: dashes, explained above
+    assert "| student_kd | – | – | – |" in md  # the region caption table: dashes, explained above

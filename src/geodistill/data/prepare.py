@@ -40,8 +40,12 @@ def _write_jsonl(path: Path, records: Iterable[Record]) -> Counter:
 
 
 def prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
+    """The generator's splits. Training and validation images carry every instruction type (on a plain
+    or low_res rendering); each validation and test scene also gets one rendering per evaluation set
+    (``<id>_aid``, ``_ucm``, ``_lr``, ``_hr``) holding that set's items (``synthetic.EVAL_SETS``)."""
     s = cfg.synthetic
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
     sizes = {"train": s.train_images, "val": s.val_images, "test": s.test_images}
     for split in SPLITS:
@@ -49,14 +53,18 @@ def prepare_synthetic(cfg: DataConfig, out: Path) -> dict[str, Any]:
         evals: list[Record] = []
         rng = np.random.default_rng([s.seed, SPLITS.index(split)])
         for i in range(sizes[split]):
-            scene = synthetic.make_scene(f"{split}{i:06d}", s.seed, s.image_size, s.grid)
-            (out / "images" / f"{scene.image_id}.png").write_bytes(scene.image_png)
-            # Test images hold only the four evaluation tasks; validation images get both kinds, so
-            # held-out losses and task metrics can be tuned on them without touching the test split.
+            image_id = f"{split}{i:06d}"
+            # Test scenes hold only the evaluation sets; validation scenes get both kinds, so held-out
+            # losses and task metrics can be tuned on them without touching the test split.
             if split != "test":
+                rendering = synthetic.train_rendering(image_id, s.seed)
+                scene = synthetic.make_scene(image_id, s.seed, s.image_size, s.grid, rendering=rendering)
+                (images / f"{image_id}.png").write_bytes(scene.image_png)
                 recs.extend(synthetic.train_records(scene, s.grid, rng))
             if split != "train":
-                evals.extend(synthetic.test_records(scene, s.grid, rng))
+                for view, view_recs in synthetic.eval_scenes(image_id, s.seed, s.image_size, s.grid, rng):
+                    (images / f"{view.image_id}.png").write_bytes(view.image_png)
+                    evals.extend(view_recs)
         if split == "test":
             counts[split] = dict(_write_jsonl(out / "test.jsonl", evals))
         else:

@@ -1,8 +1,8 @@
 """A procedurally generated remote-sensing benchmark in GeoChat's format (the embedded default).
 
 Real remote-sensing data cannot be downloaded here, so ``prepare`` can generate one, deterministic
-from a seed. It is designed to be learnable by tiny LLaVA models in minutes (docs/design.md, "The embedded
-experiment"):
+from a seed. It is designed so that a tiny LLaVA learns it in minutes and a bigger language model learns
+it better (docs/design.md, "The embedded benchmark"):
 
 - A scene is a ``grid x grid`` lattice of cells, one cell per ViT patch when ``grid = image_size /
   patch_size`` (params.yaml: 64 px, 16 px patches, grid 4), so every object is aligned with patches
@@ -13,8 +13,17 @@ experiment"):
   2 cells, large = 2x2 cells) and an orientation. Elongated objects are written GeoChat-style as a
   horizontal box rotated by theta in {0, 90} degrees, so rotated-box evaluation is exercised.
 
-Records cover every instruction type of the paper's Table 2; the held-out test split holds the four
-evaluation tasks with ground truth in ``meta``.
+Where capacity matters (the language model reads, binds and counts; the vision towers are equal):
+scene prompts list every class under one of two wordings among distractor classes, and the answer is
+the listed wording (copied from the prompt); VQA asks attribute-bound presence, count comparisons and
+counts within a half of the image; region captions vary template, synonyms, attributes and relations
+to the nearest object; referring boxes must be read off the right patches.
+
+Renderings: training images are ``plain`` or ``low_res`` (half resolution, upsampled). The evaluation
+sets (:data:`EVAL_SETS`, named in each record's ``meta["set"]``) mirror the paper's benchmarks: scene
+``aid`` (a hazy, low-contrast rendering never seen in training, classes worded AID-style) and ``ucm``
+(a tinted, grainy rendering, UCMerced-style wording); VQA ``lr`` (low-resolution images, RSVQA-LR's
+question types) and ``hr`` (full resolution, HR-style types); ``geochat`` referring and region captions.
 """
 
 from __future__ import annotations
@@ -22,14 +31,17 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
 from geodistill.data.records import SCENE_PROMPT, VQA_SUFFIX, Box, Record, Turn, format_boxes
+
+T = TypeVar("T")
 
 SCENES = ("forest", "farmland", "desert", "water", "residential", "industrial", "airport", "harbor")
 URBAN = frozenset({"residential", "industrial", "airport", "harbor"})
@@ -49,7 +61,67 @@ SCENE_OBJECTS: dict[str, dict[str, tuple[int, int]]] = {
     "harbor": {"ship": (1, 3), "storage tank": (0, 2)},
 }
 
-QTYPES = ("presence", "comparison", "count", "rural_urban")
+LR_QTYPES = ("presence", "comparison", "count", "rural_urban")
+"""RSVQA-LR's question types (asked about low-resolution images)."""
+HR_QTYPES = ("presence", "comparison", "count")
+"""HR-style types (full resolution): colour-bound presence, equal/fewer comparisons, counts in a half."""
+
+#: Two training wordings per class; a training prompt lists each class under one of them, at random.
+SCENE_NAMES: dict[str, tuple[str, str]] = {
+    "forest": ("forest", "woodland"),
+    "farmland": ("farmland", "agricultural"),
+    "desert": ("desert", "bare land"),
+    "water": ("water", "lake"),
+    "residential": ("residential", "dense residential"),
+    "industrial": ("industrial", "factory area"),
+    "airport": ("airport", "airfield"),
+    "harbor": ("harbor", "port"),
+}
+#: Classes that never occur, listed among the real ones so the answer must be read from the image.
+DISTRACTORS = (
+    "beach", "bridge", "church", "meadow", "stadium", "park", "school", "viaduct", "mountain", "river",
+    "baseball diamond", "freeway", "golf course", "overpass", "parking lot", "tennis court",
+)  # fmt: skip
+
+RENDERINGS = ("plain", "low_res", "hazy", "tinted")
+"""plain and low_res occur in training; hazy (AID-like) and tinted (UCM-like) only in evaluation."""
+LOW_RES_SHARE = 0.5
+"""Share of training images rendered at low resolution (they carry RSVQA-LR's question types)."""
+
+
+@dataclass(frozen=True)
+class SceneSet:
+    """A zero-shot scene-classification set: its rendering and its benchmark's class wording."""
+
+    rendering: str
+    names: dict[str, str]
+    """Class -> the set's name for it: a training wording, written in the benchmark's style."""
+    distractors: tuple[str, ...]
+
+
+SCENE_SETS = {
+    "aid": SceneSet(
+        "hazy",
+        {"forest": "Forest", "farmland": "Farmland", "desert": "BareLand", "water": "Lake",
+         "residential": "DenseResidential", "industrial": "Industrial", "airport": "Airport",
+         "harbor": "Port"},
+        ("Beach", "Bridge", "Church", "Meadow", "Mountain", "Park", "River", "School", "Stadium",
+         "Viaduct"),
+    ),
+    "ucm": SceneSet(
+        "tinted",
+        {"forest": "woodland", "farmland": "agricultural", "desert": "desert", "water": "water",
+         "residential": "residential", "industrial": "factoryarea", "airport": "airfield",
+         "harbor": "harbor"},
+        ("baseballdiamond", "beach", "freeway", "golfcourse", "overpass", "parkinglot", "river",
+         "tenniscourt"),
+    ),
+}  # fmt: skip
+VQA_SETS = {"lr": ("low_res", LR_QTYPES), "hr": ("plain", HR_QTYPES)}
+"""VQA set -> (rendering of its images, its question types)."""
+EVAL_SETS = {"scene": tuple(SCENE_SETS), "vqa": tuple(VQA_SETS), "referring": ("geochat",),
+             "region_caption": ("geochat",)}  # fmt: skip
+"""The evaluation sets the generator writes per task (``meta["set"]`` of each evaluation record)."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +152,6 @@ class SceneObject:
     def phrase(self) -> str:
         return f"{self.colour} {self.category}"
 
-    @property
-    def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.category}"
-
 
 @dataclass(frozen=True)
 class Scene:
@@ -92,6 +160,7 @@ class Scene:
     objects: tuple[SceneObject, ...]
     image_png: bytes
     size: int
+    rendering: str = "plain"
 
     def count(self, category: str) -> int:
         return sum(o.category == category for o in self.objects)
@@ -202,20 +271,58 @@ def _place(scene: str, grid: int, rng: np.random.Generator) -> list[SceneObject]
     return objects
 
 
-def make_scene(image_id: str, seed: int, image_size: int, grid: int, scene: str | None = None) -> Scene:
-    """One scene, a pure function of (seed, image_id)."""
+def _render(img: np.ndarray, rendering: str, rng: np.random.Generator) -> np.ndarray:
+    """The sensor: ``img`` (size, size, 3) float as a ``rendering`` sees it (see RENDERINGS)."""
+    if rendering == "plain":
+        return img
+    if rendering == "low_res":  # half resolution, upsampled back: RSVQA-LR's coarse pixels
+        h, w, _ = img.shape
+        small = img.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+        return small.repeat(2, axis=0).repeat(2, axis=1)
+    if rendering == "hazy":  # atmospheric haze: lower contrast, brighter, a little sensor noise
+        return 0.65 * img + 70 + rng.normal(0, 4, img.shape)
+    if rendering == "tinted":  # another sensor's colour balance and grain
+        return img * np.array([1.12, 1.0, 0.8]) + 12 + rng.normal(0, 9, img.shape)
+    raise ValueError(f"unknown rendering {rendering!r}; expected one of {RENDERINGS}")
+
+
+def _key(seed: int, image_id: str, *extra: int) -> list[int]:
+    return [seed, *extra] + [ord(ch) for ch in image_id]
+
+
+def train_rendering(image_id: str, seed: int) -> str:
+    """plain or low_res for a training image, from its own stream (the scene's content stays the same)."""
+    return "low_res" if np.random.default_rng(_key(seed, image_id, 101)).random() < LOW_RES_SHARE else "plain"
+
+
+def make_scene(
+    image_id: str,
+    seed: int,
+    image_size: int,
+    grid: int,
+    scene: str | None = None,
+    rendering: str = "plain",
+    content_id: str | None = None,
+) -> Scene:
+    """One scene, a pure function of (seed, content_id, rendering); ``content_id`` (default: the
+    image id) decides what is on the ground, so several renderings of one scene share it."""
     if image_size % grid:
         raise ValueError(f"image_size {image_size} must be a multiple of grid {grid}")
-    key = [seed] + [ord(ch) for ch in image_id]
-    rng = np.random.default_rng(key)
+    content_id = content_id or image_id
+    rng = np.random.default_rng(_key(seed, content_id))
     scene = scene or SCENES[int(rng.integers(len(SCENES)))]
     img = _texture(scene, image_size, rng)
     objects = _place(scene, grid, rng)
     for obj in objects:
         _draw(img, obj, image_size // grid)
+    if rendering not in RENDERINGS:
+        raise ValueError(f"unknown rendering {rendering!r}; expected one of {RENDERINGS}")
+    # The sensor's noise has its own stream: every rendering of a content_id shows the same ground.
+    sensor = np.random.default_rng(_key(seed, content_id, 1 + RENDERINGS.index(rendering)))
+    img = _render(img, rendering, sensor)
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG", optimize=False)
-    return Scene(image_id, scene, tuple(objects), buf.getvalue(), image_size)
+    return Scene(image_id, scene, tuple(objects), buf.getvalue(), image_size, rendering)
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -229,6 +336,15 @@ def _rec(scene: Scene, n: int, task: str, qa: list[tuple[str, str]], meta: dict 
     return Record(rid, f"images/{scene.image_id}.png", scene.image_id, task, tuple(turns), meta or {})
 
 
+def article(phrase: str) -> str:
+    """``phrase`` with its indefinite article: "an airport", "a red ship"."""
+    return f"{'an' if phrase[:1].lower() in 'aeiou' else 'a'} {phrase}"
+
+
+def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
+    return options[int(rng.integers(len(options)))]
+
+
 def _where(obj: SceneObject, grid: int) -> str:
     vert = "top" if obj.row + obj.rows / 2 <= grid / 3 else "bottom" if obj.row >= 2 * grid / 3 else "middle"
     hori = "left" if obj.col + obj.cols / 2 <= grid / 3 else "right" if obj.col >= 2 * grid / 3 else "centre"
@@ -239,41 +355,158 @@ def _count_phrase(n: int, category: str) -> str:
     return f"{n} {category if n == 1 else PLURALS[category]}"
 
 
-def _vqa(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(qtype, question, answer) for each VQA question type."""
+# -- scene prompts: the class list (with distractors) is part of the question, the answer is copied from it
+
+
+def scene_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, list[str]]:
+    """(question, answer, listed classes) of a training prompt: every class under a random wording,
+    0-6 distractors, shuffled; the answer is the listed wording of the true class."""
+    names = {c: _pick(rng, SCENE_NAMES[c]) for c in SCENES}
+    k = int(rng.integers(0, 7))
+    extra = [DISTRACTORS[int(i)] for i in rng.choice(len(DISTRACTORS), size=k, replace=False)]
+    listed = [*names.values(), *extra]
+    listed = [listed[int(i)] for i in rng.permutation(len(listed))]
+    return SCENE_PROMPT.format(classes=", ".join(listed)), names[scene.scene], listed
+
+
+def scene_set_question(scene: Scene, set_name: str) -> tuple[str, str, list[str]]:
+    """(question, answer, classes) of a zero-shot set: its own wording, alphabetical, fixed."""
+    s = SCENE_SETS[set_name]
+    classes = sorted([*s.names.values(), *s.distractors], key=str.lower)
+    return SCENE_PROMPT.format(classes=", ".join(classes)), s.names[scene.scene], classes
+
+
+# -- VQA
+
+
+def _vqa_lr(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(qtype, question, answer) for each of RSVQA-LR's question types."""
     present = sorted({o.category for o in scene.objects})
-    cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    cat = _pick(rng, CATEGORIES)
     a, b = rng.choice(len(CATEGORIES), size=2, replace=False)
     ca, cb = CATEGORIES[a], CATEGORIES[b]
-    count_cat = present[int(rng.integers(len(present)))] if present and rng.random() < 0.8 else cat
+    count_cat = _pick(rng, present) if present and rng.random() < 0.8 else cat
     return [
-        ("presence", f"Is there a {cat} in the image?", "yes" if scene.count(cat) else "no"),
+        ("presence", f"Is there {article(cat)} in the image?", "yes" if scene.count(cat) else "no"),
         (
             "comparison",
             f"Are there more {PLURALS[ca]} than {PLURALS[cb]}?",
             "yes" if scene.count(ca) > scene.count(cb) else "no",
         ),
         ("count", f"How many {PLURALS[count_cat]} are there?", str(scene.count(count_cat))),
-        (
-            "rural_urban",
-            "Is this a rural or an urban area?",
-            "urban" if scene.scene in URBAN else "rural",
-        ),
+        ("rural_urban", "Is this a rural or an urban area?", "urban" if scene.scene in URBAN else "rural"),
     ]
 
 
+HALVES = ("top", "bottom", "left", "right")
+
+
+def _in_half(o: SceneObject, half: str, grid: int) -> bool:
+    h = grid // 2
+    if half in ("top", "bottom"):
+        return o.row + o.rows <= h if half == "top" else o.row >= h
+    return o.col + o.cols <= h if half == "left" else o.col >= h
+
+
+def _vqa_hr(scene: Scene, grid: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(qtype, question, answer) for the HR-style types: what needs binding colour to category, comparing
+    two counts, and counting within a region."""
+    phrases = sorted({o.phrase for o in scene.objects})
+    if phrases and rng.random() < 0.5:
+        phrase = _pick(rng, phrases)
+    else:
+        phrase = f"{_pick(rng, list(COLOURS))} {_pick(rng, CATEGORIES)}"
+    present = "yes" if phrase in phrases else "no"
+    a, b = rng.choice(len(CATEGORIES), size=2, replace=False)
+    ca, cb = CATEGORIES[a], CATEGORIES[b]
+    if rng.random() < 0.5:
+        comparison = (f"Is the number of {PLURALS[ca]} equal to the number of {PLURALS[cb]}?",
+                      scene.count(ca) == scene.count(cb))  # fmt: skip
+    else:
+        comparison = (f"Are there fewer {PLURALS[ca]} than {PLURALS[cb]}?", scene.count(ca) < scene.count(cb))
+    half = _pick(rng, HALVES)
+    n_half = sum(_in_half(o, half, grid) for o in scene.objects)
+    return [
+        ("presence", f"Is there {article(phrase)} in the image?", present),
+        ("comparison", comparison[0], "yes" if comparison[1] else "no"),
+        ("count", f"How many objects lie entirely in the {half} half of the image?", str(n_half)),
+    ]
+
+
+def vqa_questions(scene: Scene, grid: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """The question types of the image's resolution: RSVQA-LR's on low_res, the HR ones otherwise."""
+    return _vqa_lr(scene, rng) if scene.rendering == "low_res" else _vqa_hr(scene, grid, rng)
+
+
+# -- region captions: several templates, synonyms, attributes and a relation to the nearest object
+
+NOUNS = {
+    "airplane": ("airplane", "plane", "aircraft"),
+    "ship": ("ship", "boat", "vessel"),
+    "storage tank": ("storage tank", "oil tank", "tank"),
+    "vehicle": ("vehicle", "car", "small vehicle"),
+}
+SIZE_WORDS = {"small": ("small", "little"), "medium": ("medium", "mid-sized"), "large": ("large", "big")}
+N_CAPTION_TEMPLATES = 5
+
+
+def _relation(o: SceneObject, other: SceneObject) -> str:
+    """Where ``o`` lies relative to ``other`` (centre to centre, the larger offset wins)."""
+    dy = (o.row + o.rows / 2) - (other.row + other.rows / 2)
+    dx = (o.col + o.cols / 2) - (other.col + other.cols / 2)
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def _nearest(o: SceneObject, objects: Sequence[SceneObject]) -> SceneObject | None:
+    others = [x for x in objects if x is not o]
+    if not others:
+        return None
+    return min(others, key=lambda x: (abs(x.row - o.row) + abs(x.col - o.col), x.row, x.col))
+
+
+def region_caption(o: SceneObject, scene: Scene, grid: int, template: int, rng: np.random.Generator) -> str:
+    """A caption of object ``o`` in one of N_CAPTION_TEMPLATES word orders, with synonyms."""
+    noun, size = _pick(rng, NOUNS[o.category]), _pick(rng, SIZE_WORDS[o.size])
+    if template == 0:
+        return article(f"{size} {o.colour} {noun}")
+    if template == 1:
+        return f"{article(f'{o.colour} {noun}')} in the {_where(o, grid)} of the image"
+    if template == 2:
+        other = _nearest(o, scene.objects)
+        if other is None:
+            return f"{article(f'{o.colour} {noun}')}, the only object in the image"
+        return f"{article(f'{o.colour} {noun}')} {_relation(o, other)} {article(other.phrase)}"
+    if template == 3:
+        return f"{article(noun)}, {o.colour} and {size}"
+    n = scene.count(o.category)
+    if n == 1:
+        return f"the only {noun} in the image, {o.colour}"
+    return f"one of {n} {PLURALS[o.category]}: the {o.colour} one"
+
+
+def _captions(o: SceneObject, scene: Scene, grid: int, rng: np.random.Generator, n: int) -> list[str]:
+    templates = rng.choice(N_CAPTION_TEMPLATES, size=n, replace=False)
+    return [region_caption(o, scene, grid, int(t), rng) for t in templates]
+
+
+# -- descriptions and referring
+
+
 def _description(scene: Scene, grid: int, grounded: bool) -> str:
+    area = article(f"{scene.scene} area")
     if not scene.objects:
-        return f"The image shows a {scene.scene} area with no notable objects."
+        return f"The image shows {area} with no notable objects."
     parts = []
     for o in scene.objects:
         if grounded:
-            parts.append(f"<p>a {o.phrase}</p> {o.box(grid).to_text()}")
+            parts.append(f"<p>{article(o.phrase)}</p> {o.box(grid).to_text()}")
         else:
-            parts.append(f"a {o.size} {o.phrase} at the {_where(o, grid)}")
+            parts.append(f"{article(f'{o.size} {o.phrase}')} at the {_where(o, grid)}")
     counts = Counter(o.category for o in scene.objects)
     summary = ", ".join(_count_phrase(n, c) for c, n in sorted(counts.items()))
-    return f"The image shows a {scene.scene} area with {summary}: " + "; ".join(parts) + "."
+    return f"The image shows {area} with {summary}: " + "; ".join(parts) + "."
 
 
 def _referring_targets(scene: Scene) -> list[tuple[str, list[SceneObject]]]:
@@ -292,121 +525,107 @@ def _size_group(objs: list[SceneObject]) -> str:
     return sizes.pop() if len(sizes) == 1 else "mixed"
 
 
+def _some(rng: np.random.Generator, n_items: int, k: int) -> list[int]:
+    return [int(i) for i in rng.choice(n_items, size=min(k, n_items), replace=False)]
+
+
+# -- training records
+
+
+def _chat_record(scene: Scene, rng: np.random.Generator, grid: int) -> Record:
+    """One description, conversation or complex-reasoning record."""
+    kind = int(rng.integers(3))
+    if kind == 0:
+        qa = [("Describe the image in detail.", _description(scene, grid, False))]
+        return _rec(scene, 0, "description", qa)
+    n_total = len(scene.objects)
+    if kind == 1:
+        objects = f"{n_total} object{'s' if n_total != 1 else ''}"
+        qa = [("What type of area is shown?", f"It is {article(scene.scene + ' area')}."),
+              ("How many objects can you see?", f"I can see {objects}.")]  # fmt: skip
+        return _rec(scene, 0, "conversation", qa)
+    use = "urban" if scene.scene in URBAN else "rural"
+    answer = (f"It is {article(f'{use} {scene.scene} area')}, "
+              f"judging by its land cover and its {n_total} visible objects.")  # fmt: skip
+    return _rec(scene, 0, "complex", [("What is this area likely used for, and why?", answer)])
+
+
 def train_records(scene: Scene, grid: int, rng: np.random.Generator) -> list[Record]:
     """Records of every instruction type of the paper's Table 2 for one training image."""
-    classes = ", ".join(SCENES)
-    recs = [_rec(scene, 0, "scene", [(SCENE_PROMPT.format(classes=classes), scene.scene)])]
-    vqa = _vqa(scene, rng)
+    q, a, _ = scene_question(scene, rng)
+    recs = [_rec(scene, 0, "scene", [(q, a)])]
+    vqa = vqa_questions(scene, grid, rng)
     # Two VQA records per image, two questions each: VQA is the most frequent instruction type.
     recs.append(_rec(scene, 0, "vqa", [(f"{q} {VQA_SUFFIX}", a) for _, q, a in vqa[:2]]))
     recs.append(_rec(scene, 1, "vqa", [(f"{q} {VQA_SUFFIX}", a) for _, q, a in vqa[2:]]))
-    kind = int(rng.integers(3))
-    if kind == 0:
-        recs.append(
-            _rec(
-                scene, 0, "description", [("Describe the image in detail.", _description(scene, grid, False))]
-            )
-        )
-    elif kind == 1:
-        n_total = len(scene.objects)
-        recs.append(
-            _rec(
-                scene,
-                0,
-                "conversation",
-                [
-                    ("What type of area is shown?", f"It is a {scene.scene} area."),
-                    (
-                        "How many objects can you see?",
-                        f"I can see {n_total} object{'s' if n_total != 1 else ''}.",
-                    ),
-                ],
-            )
-        )
-    else:
-        use = "urban" if scene.scene in URBAN else "rural"
-        recs.append(
-            _rec(
-                scene,
-                0,
-                "complex",
-                [
-                    (
-                        "What is this area likely used for, and why?",
-                        f"It is a {use} {scene.scene} area, "
-                        f"judging by its land cover and its {len(scene.objects)} visible objects.",
-                    )
-                ],
-            )
-        )
-    if scene.objects:
-        recs.append(
-            _rec(
-                scene,
-                0,
-                "grounding_description",
-                [("[grounding] Describe the image in detail.", _description(scene, grid, True))],
-            )
-        )
-        o = scene.objects[int(rng.integers(len(scene.objects)))]
-        recs.append(_rec(scene, 0, "region_caption", [(f"[identify] {o.box(grid).to_text()}", o.caption)]))
-        targets = _referring_targets(scene)
-        for n, idx in enumerate(rng.choice(len(targets), size=min(2, len(targets)), replace=False)):
-            phrase, objs = targets[int(idx)]
-            recs.append(
-                _rec(
-                    scene,
-                    n,
-                    "referring",
-                    [(f"[refer] <p>{phrase}</p>", format_boxes(o.box(grid) for o in objs))],
-                )
-            )
+    recs.append(_chat_record(scene, rng, grid))
+    if not scene.objects:
+        return recs
+    prompt = "[grounding] Describe the image in detail."
+    recs.append(_rec(scene, 0, "grounding_description", [(prompt, _description(scene, grid, True))]))
+    for n, i in enumerate(_some(rng, len(scene.objects), 2)):
+        o = scene.objects[i]
+        caption = _captions(o, scene, grid, rng, 1)[0]
+        recs.append(_rec(scene, n, "region_caption", [(f"[identify] {o.box(grid).to_text()}", caption)]))
+    targets = _referring_targets(scene)
+    for n, i in enumerate(_some(rng, len(targets), 3)):
+        phrase, objs = targets[i]
+        answer = format_boxes(o.box(grid) for o in objs)
+        recs.append(_rec(scene, n, "referring", [(f"[refer] <p>{phrase}</p>", answer)]))
     return recs
 
 
-def test_records(scene: Scene, grid: int, rng: np.random.Generator) -> list[Record]:
-    """The four evaluation tasks for one held-out image, with ground truth in ``meta``."""
-    size = scene.size
-    recs = [
-        _rec(
-            scene,
-            0,
-            "scene",
-            [(SCENE_PROMPT.format(classes=", ".join(SCENES)), scene.scene)],
-            {"label": scene.scene, "classes": list(SCENES)},
-        )
+# -- evaluation records
+
+
+def _scene_set_records(scene: Scene, set_name: str) -> list[Record]:
+    q, a, classes = scene_set_question(scene, set_name)
+    return [_rec(scene, 0, "scene", [(q, a)], {"set": set_name, "label": a, "classes": classes})]
+
+
+def _vqa_set_records(scene: Scene, set_name: str, grid: int, rng: np.random.Generator) -> list[Record]:
+    return [
+        _rec(scene, n, "vqa", [(f"{q} {VQA_SUFFIX}", a)], {"set": set_name, "qtype": qtype})
+        for n, (qtype, q, a) in enumerate(vqa_questions(scene, grid, rng))
     ]
-    for n, (qtype, q, a) in enumerate(_vqa(scene, rng)):
-        recs.append(_rec(scene, n, "vqa", [(f"{q} {VQA_SUFFIX}", a)], {"qtype": qtype}))
-    if scene.objects:
-        phrase, objs = _referring_targets(scene)[int(rng.integers(len(_referring_targets(scene))))]
+
+
+def _grounding_records(scene: Scene, grid: int, rng: np.random.Generator) -> list[Record]:
+    """Two referring and two region-caption items (fewer when the scene has fewer targets/objects)."""
+    recs = []
+    targets = _referring_targets(scene)
+    for n, i in enumerate(_some(rng, len(targets), 2)):
+        phrase, objs = targets[i]
         boxes = [o.box(grid) for o in objs]
-        recs.append(
-            _rec(
-                scene,
-                0,
-                "referring",
-                [(f"[refer] <p>{phrase}</p>", format_boxes(boxes))],
-                {
-                    "boxes": [b.to_text() for b in boxes],
-                    "width": size,
-                    "height": size,
-                    "size": _size_group(objs),
-                    "multi": len(objs) > 1,
-                },
-            )
-        )
-        o = scene.objects[int(rng.integers(len(scene.objects)))]
-        recs.append(
-            _rec(
-                scene,
-                0,
-                "region_caption",
-                [(f"[identify] {o.box(grid).to_text()}", o.caption)],
-                {"refs": [o.caption, f"a {o.phrase}"]},
-            )
-        )
+        meta = {"set": "geochat", "boxes": [b.to_text() for b in boxes], "width": scene.size,
+                "height": scene.size, "size": _size_group(objs), "multi": len(objs) > 1}  # fmt: skip
+        recs.append(_rec(scene, n, "referring", [(f"[refer] <p>{phrase}</p>", format_boxes(boxes))], meta))
+    for n, i in enumerate(_some(rng, len(scene.objects), 2)):
+        o = scene.objects[i]
+        refs = _captions(o, scene, grid, rng, 2)  # two annotators' wordings; the first is the answer
+        q = f"[identify] {o.box(grid).to_text()}"
+        recs.append(_rec(scene, n, "region_caption", [(q, refs[0])], {"set": "geochat", "refs": refs}))
     return recs
+
+
+def eval_scenes(
+    content_id: str, seed: int, image_size: int, grid: int, rng: np.random.Generator
+) -> list[tuple[Scene, list[Record]]]:
+    """Every evaluation set's items about one held-out scene, each set on its own rendering of it
+    (image ``<content_id>_<set>``): scene aid/ucm, VQA lr/hr, referring and region captions on hr."""
+    out = []
+    for name, s in SCENE_SETS.items():
+        scene = make_scene(f"{content_id}_{name}", seed, image_size, grid, rendering=s.rendering,
+                           content_id=content_id)  # fmt: skip
+        out.append((scene, _scene_set_records(scene, name)))
+    for name, (rendering, _) in VQA_SETS.items():
+        scene = make_scene(f"{content_id}_{name}", seed, image_size, grid, rendering=rendering,
+                           content_id=content_id)  # fmt: skip
+        recs = _vqa_set_records(scene, name, grid, rng)
+        if name == "hr":
+            recs += _grounding_records(scene, grid, rng)
+        out.append((scene, recs))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the corpus

@@ -1,7 +1,7 @@
 """The ``report`` stage: the paper's tables for every evaluated model side by side, and its figures.
 
 Reads evaluate's outputs and the training logs (:mod:`geodistill.eval.results`); writes
-``reports/report.md`` and ``reports/figures/{referring,losses,confusion_student_kd}.png``.
+``reports/report.md`` and ``reports/figures/{referring,losses,confusion_student_kd_<set>}.png``.
 
 Models are reported in the order teacher, student_sft, student_control, student_kd; one that has not
 been evaluated is skipped and named. A task with no evaluation items says why and which param gives it
@@ -28,8 +28,8 @@ from geodistill.eval.results import (
 )
 from geodistill.eval.tasks import EVAL_TASKS
 
-FIGURES = ("referring.png", "losses.png", "confusion_student_kd.png")
-"""Figures this module owns under reports/figures (stale ones are removed first)."""
+FIGURES = ("referring.png", "losses.png", "confusion_student_kd*.png")
+"""Figures this module owns under reports/figures, as glob patterns (stale ones are removed first)."""
 
 
 def _intro(results: Sequence[ModelResults], missing: Sequence[str]) -> list[str]:
@@ -49,7 +49,11 @@ def _intro(results: Sequence[ModelResults], missing: Sequence[str]) -> list[str]
     for r in results:
         md += [f"> warning: {w}" for w in r.warnings]
     notes = dict.fromkeys(  # one line per distinct reason, in task order
-        n for t in EVAL_TASKS for r in results if (n := lookup(r.metrics, "sets", t, "note"))
+        n
+        for t in EVAL_TASKS
+        for r in results
+        for s in (lookup(r.metrics, "sets", t) or {}).values()
+        if isinstance(s, dict) and (n := s.get("note"))
     )
     if notes:
         md += ["", "Tasks without evaluation items (their tables are dashes):", ""]
@@ -61,7 +65,8 @@ def _intro(results: Sequence[ModelResults], missing: Sequence[str]) -> list[str]
 
 
 def _tables(results: Sequence[ModelResults]) -> list[str]:
-    md = ["", "## Scene classification", "", tables.scene_table(results)]
+    md = ["", "One column group per evaluation set; 'mean' is the task's headline (mean over sets).", ""]
+    md += ["## Scene classification (zero-shot)", "", tables.scene_table(results)]
     md += ["", "## VQA (accuracy per question type; mOA = mean over types)", "", tables.vqa_table(results)]
     md += ["", "## Referring (boxes)", "",
            "acc@t = ground-truth boxes matched one-to-one at IoU >= t (rotated boxes); the size, "
@@ -77,13 +82,15 @@ def _tables(results: Sequence[ModelResults]) -> list[str]:
 
 def _figures(root: Path, results: Sequence[ModelResults], figures: Path) -> list[str]:
     md = ["", "## Figures", ""]
-    kd_confusion = root / "reports" / "eval" / "student_kd" / "confusion.png"
-    if kd_confusion.is_file():
-        shutil.copyfile(kd_confusion, figures / "confusion_student_kd.png")
-        md += ["Scene classification confusion matrix of student_kd:", "",
-               "![student_kd confusion matrix](figures/confusion_student_kd.png)", ""]  # fmt: skip
-    else:
-        md += ["No confusion matrix of student_kd (reports/eval/student_kd/confusion.png is missing).", ""]
+    confusions = sorted((root / "reports" / "eval" / "student_kd").glob("confusion_*.png"))
+    for src in confusions:
+        name = src.stem.removeprefix("confusion_")
+        shutil.copyfile(src, figures / f"confusion_student_kd_{name}.png")
+        figure = f"figures/confusion_student_kd_{name}.png"
+        md += [f"Scene classification confusion matrix of student_kd on {name}:", "",
+               f"![student_kd confusion matrix, {name}]({figure})", ""]  # fmt: skip
+    if not confusions:
+        md += ["No confusion matrix of student_kd (no reports/eval/student_kd/confusion_<set>.png).", ""]
     fig, note = referring_figure(root, results, figures / "referring.png")
     md += ["Referring examples: " + note, ""]
     if fig is not None:
@@ -106,8 +113,9 @@ def write_report(root: Path = Path("."), models: Sequence[str] = MODELS) -> Path
     reports = root / "reports"
     figures = reports / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for name in FIGURES:  # a figure that cannot be drawn this time must not survive from an older run
-        (figures / name).unlink(missing_ok=True)
+    for pattern in FIGURES:  # a figure that cannot be drawn this time must not survive from an older run
+        for stale in figures.glob(pattern):
+            stale.unlink()
     results, missing = load_results(root, models)
     md = _intro(results, missing)
     if results:

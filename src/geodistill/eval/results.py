@@ -58,7 +58,7 @@ class ModelResults:
     source: str
     """Which file ``metrics`` came from (for the report's sources list)."""
     eval_dir: Path
-    """reports/eval/<model>: predictions.jsonl and confusion.png (either may be missing)."""
+    """reports/eval/<model>: predictions.jsonl and confusion_<set>.png (any may be missing)."""
     warnings: tuple[str, ...] = ()
 
 

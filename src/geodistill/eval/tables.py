@@ -1,12 +1,13 @@
-"""The report's tables: one row per evaluated model, numbers formatted for reading ('–' when missing)."""
+"""The report's tables: one row per evaluated model, one column group per evaluation set (the paper's
+Tables 3-7), numbers formatted for reading ('–' when missing)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from geodistill.eval.results import ModelResults, lookup
-from geodistill.eval.tasks import EVAL_TASKS
+from geodistill.eval.tasks import EVAL_TASKS, set_metrics
 from geodistill.markdown import table
 
 
@@ -49,56 +50,80 @@ def _ordered(keys: Iterable[str], first: Sequence[str]) -> list[str]:
     return [k for k in first if k in keys] + sorted(keys - set(first))
 
 
-def scene_table(results: Sequence[ModelResults]) -> str:
+def set_names(results: Sequence[ModelResults], task: str) -> list[str]:
+    """The sets of ``task`` any model was evaluated on, in evaluation order (one column group each)."""
+    return list(dict.fromkeys(n for r in results for n in set_metrics(r.metrics, task)))
+
+
+Column = tuple[str, Callable[[Any], str]]
+"""A table column: its header and how a cell is read from one set's metrics."""
+
+
+def per_set_table(results: Sequence[ModelResults], task: str, columns: Callable[[str], Sequence[Column]],
+                  means: Sequence[Column]) -> str:  # fmt: skip
+    """One row per model, one column group per set (the paper's Tables 3-7 layout), then the task's mean
+    over sets when there is more than one. ``columns(set name)`` gives a set's columns, ``means`` read
+    the task section."""
+    names = set_names(results, task)
+    groups = [(n, columns(n)) for n in names]
+    with_means = len(names) != 1  # no set at all: the means' columns, dashes (the intro says why)
+    header = ["model"] + [f"{n} {label}" for n, cols in groups for label, _ in cols]
+    header += [f"mean {label}" for label, _ in means] if with_means else []
     rows = []
     for r in results:
-        s = r.metrics.get("scene")
-        rows.append([r.name, count(lookup(s, "n")), pct(lookup(s, "OA")), pct(lookup(s, "AA")),
-                     count(lookup(s, "unparsed"))])  # fmt: skip
-    return table(["model", "n", "OA", "AA", "no class named"], rows)
+        sets = set_metrics(r.metrics, task)
+        row = [r.name] + [read(sets.get(n)) for n, cols in groups for _, read in cols]
+        row += [read(r.metrics.get(task)) for _, read in means] if with_means else []
+        rows.append(row)
+    return table(header, rows)
+
+
+def _pct(*keys: str) -> Callable[[Any], str]:
+    return lambda m: pct(lookup(m, *keys))
+
+
+def _count(*keys: str) -> Callable[[Any], str]:
+    return lambda m: count(lookup(m, *keys))
+
+
+def scene_table(results: Sequence[ModelResults]) -> str:
+    cols = [("n", _count("n")), ("OA", _pct("OA")), ("AA", _pct("AA")),
+            ("no class named", _count("unparsed"))]  # fmt: skip
+    return per_set_table(results, "scene", lambda _: cols, [("OA", _pct("OA")), ("AA", _pct("AA"))])
 
 
 def vqa_table(results: Sequence[ModelResults]) -> str:
-    qtypes = _ordered(
-        (t for r in results for t in (lookup(r.metrics, "vqa", "accuracy") or {})),
-        ("presence", "comparison", "rural_urban", "count"),
-    )
-    rows = []
-    for r in results:
-        v = r.metrics.get("vqa")
-        acc = lookup(v, "accuracy") or {}
-        rows.append([r.name, count(lookup(v, "n_total")), *(pct(acc.get(t)) for t in qtypes),
-                     pct(lookup(v, "mOA")), pct(lookup(v, "OA"))])  # fmt: skip
-    return table(["model", "n", *qtypes, "mOA", "OA"], rows)
+    def columns(name: str) -> list[Column]:
+        qtypes = _ordered(
+            (t for r in results for t in (lookup(set_metrics(r.metrics, "vqa"), name, "accuracy") or {})),
+            ("presence", "comparison", "rural_urban", "count"),
+        )
+        return [("n", _count("n_total")), *((t, _pct("accuracy", t)) for t in qtypes), ("mOA", _pct("mOA"))]
+
+    return per_set_table(results, "vqa", columns, [("mOA", _pct("mOA"))])
 
 
-def _groups(results: Sequence[ModelResults], by: str, first: Sequence[str] = ()) -> list[str]:
-    return _ordered((k for r in results for k in (lookup(r.metrics, "referring", by) or {})), first)
+def _groups(results: Sequence[ModelResults], name: str, by: str, first: Sequence[str] = ()) -> list[str]:
+    keys = (k for r in results for k in (lookup(set_metrics(r.metrics, "referring"), name, by) or {}))
+    return _ordered(keys, first)
 
 
 def referring_table(results: Sequence[ModelResults]) -> str:
-    sizes = _groups(results, "by_size", ("small", "medium", "large"))
-    objects = _groups(results, "by_objects", ("single", "multi"))
-    kinds = _groups(results, "by_type")
-    rows = []
-    for r in results:
-        g = r.metrics.get("referring")
-        row = [r.name, count(lookup(g, "n_items")), pct(lookup(g, "acc@0.5")), pct(lookup(g, "acc@0.25"))]
-        row += [pct(lookup(g, "by_size", k, "acc@0.5")) for k in sizes]
-        row += [pct(lookup(g, "by_objects", k, "acc@0.5")) for k in objects]
-        row += [pct(lookup(g, "by_type", k, "acc@0.5")) for k in kinds]
-        row.append(count(lookup(g, "unparsed")))
-        rows.append(row)
-    return table(["model", "n", "acc@0.5", "acc@0.25", *sizes, *objects, *kinds, "no box"], rows)
+    def columns(name: str) -> list[Column]:
+        cols = [("n", _count("n_items")), ("acc@0.5", _pct("acc@0.5")), ("acc@0.25", _pct("acc@0.25"))]
+        for by, first in (("by_size", ("small", "medium", "large")), ("by_objects", ("single", "multi")),
+                          ("by_type", ())):  # fmt: skip
+            cols += [(k, _pct(by, k, "acc@0.5")) for k in _groups(results, name, by, first)]
+        return [*cols, ("no box", _count("unparsed"))]
+
+    means = [("acc@0.5", _pct("acc@0.5")), ("acc@0.25", _pct("acc@0.25"))]
+    return per_set_table(results, "referring", columns, means)
 
 
 def region_caption_table(results: Sequence[ModelResults]) -> str:
-    rows = []
-    for r in results:
-        c = r.metrics.get("region_caption")
-        rows.append([r.name, count(lookup(c, "n")), pct(lookup(c, "rouge1")), pct(lookup(c, "rougeL")),
-                     pct(lookup(c, "meteor")), count(lookup(c, "empty"))])  # fmt: skip
-    return table(["model", "n", "ROUGE-1", "ROUGE-L", "METEOR", "empty"], rows)
+    metrics = [("ROUGE-1", _pct("rouge1")), ("ROUGE-L", _pct("rougeL")), ("METEOR", _pct("meteor"))]
+    cols = [("n", _count("n")), *metrics, ("empty", _count("empty"))]
+    return per_set_table(results, "region_caption", lambda _: cols, metrics)
 
 
 def efficiency_table(results: Sequence[ModelResults]) -> str:
@@ -124,18 +149,22 @@ def efficiency_table(results: Sequence[ModelResults]) -> str:
 
 
 def sets_table(results: Sequence[ModelResults]) -> str | None:
-    """Items evaluated per task and model, skipped bad items in brackets; None without that record."""
+    """Items evaluated per set and model, skipped bad items in brackets; None without that record."""
+    columns = list(dict.fromkeys(
+        (t, n) for r in results for t in EVAL_TASKS for n in (lookup(r.metrics, "sets", t) or {})
+    ))  # fmt: skip
     rows = []
     for r in results:
         sets = r.metrics.get("sets")
         if not isinstance(sets, Mapping):
             continue
         cells = []
-        for t in EVAL_TASKS:
-            n, skipped = lookup(sets, t, "n"), lookup(sets, t, "skipped")
-            cells.append(count(n) + (f" ({skipped} skipped)" if isinstance(skipped, int) and skipped else ""))
+        for t, n in columns:
+            items, skipped = lookup(sets, t, n, "n"), lookup(sets, t, n, "skipped")
+            extra = f" ({skipped} skipped)" if isinstance(skipped, int) and skipped else ""
+            cells.append(count(items) + extra)
         rows.append([r.name, *cells])
-    return table(["model", *EVAL_TASKS], rows) if rows else None
+    return table(["model", *(f"{t}/{n}" for t, n in columns)], rows) if rows else None
 
 
 def training_table(final: Mapping[str, Mapping[str, Any]]) -> str | None:

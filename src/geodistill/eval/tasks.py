@@ -3,6 +3,11 @@
 One vocabulary from records to report: an evaluation task is named as the records name it
 (``scene``, ``vqa``, ``referring``, ``region_caption``), and so are its section in ``metrics/<model>.json``
 and the prefix of its headline keys (``referring_acc@0.5``, ``region_caption_meteor``).
+
+A task is evaluated on one or more sets (AID and UCMerced for scene, as in the paper's tables), each
+named: a task's section holds every set's metrics under ``sets`` and, for each headline metric, the
+mean over its sets (the task's headline) with the items summed. Per set, the flat headline adds
+``<task>/<set>_<metric>`` (``scene/aid_OA``).
 """
 
 from __future__ import annotations
@@ -14,12 +19,7 @@ from typing import Any
 EVAL_TASKS = ("scene", "vqa", "referring", "region_caption")
 """Evaluated in this order; each is a record task (``data.records.TASKS``) and a metrics section."""
 
-BENCHMARK_PARAMS = {
-    "scene": "eval.benchmarks.scene_dir",
-    "vqa": "eval.benchmarks.rsvqa_dir",
-    "referring": "eval.benchmarks.referring_jsonl (with eval.benchmarks.image_dir)",
-    "region_caption": "eval.benchmarks.region_caption_json (with eval.benchmarks.image_dir)",
-}
+BENCHMARK_PARAMS = {task: f"eval.benchmarks.{task}" for task in EVAL_TASKS}
 """The params that point each task at a real benchmark instead of the prepared split."""
 
 
@@ -73,6 +73,31 @@ HEADLINE = (
 """The paper's headline numbers, in table order: evaluate, report and bench.seeds all read this."""
 
 
+def set_metrics(metrics: Mapping[str, Any], task: str) -> dict[str, Mapping[str, Any]]:
+    """Each set's metrics of ``task`` (set name -> section), in evaluation order; empty when none."""
+    section = metrics.get(task)
+    sets = section.get("sets") if isinstance(section, Mapping) else None
+    return {k: v for k, v in sets.items() if isinstance(v, Mapping)} if isinstance(sets, Mapping) else {}
+
+
+def combine(task: str, per_set: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A task's section from its sets' metrics: ``sets``, each headline metric's mean over the sets that
+    have it (None when none does) and the items summed under the metric's ``n_key``."""
+    out: dict[str, Any] = {"sets": dict(per_set)}
+    for h in HEADLINE:
+        if h.task != task:
+            continue
+        values = [v for s in per_set.values() if (v := _number(s.get(h.metric))) is not None]
+        out[h.metric] = sum(values) / len(values) if values else None
+        out[h.n_key] = sum(n for s in per_set.values() if isinstance(n := s.get(h.n_key), int))
+    return out
+
+
 def headline(metrics: Mapping[str, Any]) -> dict[str, float | None]:
-    """The headline numbers of one model's metrics, flat (for `dvc metrics` and the report)."""
-    return {h.key: h.value(metrics) for h in HEADLINE}
+    """The headline numbers of one model's metrics, flat (for `dvc metrics` and the report): each task's
+    mean over its sets (``scene_OA``), then every set's own (``scene/aid_OA``)."""
+    out = {h.key: h.value(metrics) for h in HEADLINE}
+    for h in HEADLINE:
+        for name, section in set_metrics(metrics, h.task).items():
+            out[f"{h.task}/{name}_{h.metric}"] = _number(section.get(h.metric))
+    return out
