@@ -164,7 +164,9 @@ def test_test_items_templates_and_ground_truth(world):
     templates = core.task_templates(items)
     refer = next(i for i in items if i.record.task == "referring")
     assert templates["referring"] == refer.question and "<image>" not in refer.question
-    assert templates["scene classification"].startswith("Classify the image in the following classes: forest")
+    scene = next(i for i in items if i.record.task == "scene")
+    assert templates["scene classification"] == scene.question
+    assert scene.question.startswith("Classify the image in the following classes: ")
     assert templates["grounding"] == "[grounding] Describe the image in detail."  # no such test record
     assert templates["free text"] == ""
     assert core.truth_for(refer, refer.question + "  ") is refer.record
