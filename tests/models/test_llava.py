@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from geodistill.config import LoraConfig
 from geodistill.errors import ModelError
 from geodistill.models.checkpoints import save_llava, weights_hash
 from geodistill.models.llava import (
@@ -125,7 +126,7 @@ def test_lora_touches_only_language_model_q_v(tok, student_arch):
     ids, pixels = batch(tok, 16)
     with torch.no_grad():
         before = model(input_ids=ids, pixel_values=pixels).logits
-    wrapped = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    wrapped = apply_lora(model, r=4, alpha=8, dropout=0.0, targets=LoraConfig().targets)
     lora = [n for n, _ in wrapped.named_parameters() if "lora_" in n]
     assert lora and all("language_model" in n and ("q_proj" in n or "v_proj" in n) for n in lora)
     assert not any("vision_tower" in n for n in lora)

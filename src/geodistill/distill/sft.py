@@ -123,7 +123,7 @@ def prepare_trainable(model: nn.Module, cfg: StudentConfig) -> nn.Module:
     if cfg.freeze_vision:
         freeze_vision_tower(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     return model
 
 

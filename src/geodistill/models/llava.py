@@ -162,7 +162,7 @@ def apply_lora(
     r: int,
     alpha: int,
     dropout: float,
-    targets: Sequence[str] = ("q_proj", "v_proj"),
+    targets: Sequence[str],
     *,
     train_projector: bool = True,
 ) -> nn.Module:
