@@ -307,11 +307,15 @@ def load_calls(monkeypatch) -> list[Path]:
     """Every model folder run_distill loads (its student, and the teacher only for on-policy)."""
     calls: list[Path] = []
 
-    def recording_load(model_dir):
-        calls.append(Path(model_dir).resolve())
-        return load_for_training(model_dir)
+    def recording(load):
+        def recording_load(model_dir, **kwargs):
+            calls.append(Path(model_dir).resolve())
+            return load(model_dir, **kwargs)
 
-    monkeypatch.setattr(kd, "load_for_training", recording_load)
+        return recording_load
+
+    monkeypatch.setattr(kd, "load_for_training", recording(kd.load_for_training))
+    monkeypatch.setattr(kd, "load_for_inference", recording(kd.load_for_inference))
     return calls
 
 

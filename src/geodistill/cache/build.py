@@ -186,17 +186,13 @@ def build_shard(
 # ------------------------------------------------------------------------------------ the stage
 
 
-def _device(dctx: Dist) -> torch.device:
-    return torch.device(f"cuda:{dctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def build_cache(
     teacher_dir: Path, shard_dir: Path, out: Path, cfg: CacheConfig, *, progress: bool = True
 ) -> dict[str, Any]:
     """Build (or resume) the cache for this process's shards; returns counts and throughput."""
     dctx = Dist.from_env()
     dctx.init()
-    device = _device(dctx)
+    device = dctx.device
     model, tok, transform = load_for_inference(teacher_dir, device=device, dtype=TEACHER_DTYPE)
     manifest = load_manifest(shard_dir)
     n_img = num_image_tokens(model.config)
