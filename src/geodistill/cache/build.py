@@ -33,14 +33,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from geodistill.cache.fingerprint import TEACHER_DTYPE, cache_fingerprint
+from geodistill.cache.fingerprint import cache_fingerprint
 from geodistill.cache.store import CacheWriter, ShardWriter, record_key
 from geodistill.config import CacheConfig
 from geodistill.data.collate import IGNORE, Batch, Example, collate
 from geodistill.data.shards import iter_shard, load_manifest, shards_for_rank
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError
-from geodistill.models.checkpoints import load_for_inference
+from geodistill.models.checkpoints import load_for_inference, precision_dtype
 from geodistill.models.features import pool_image_features
 from geodistill.models.llava import capture_projector, num_image_tokens
 
@@ -193,12 +193,13 @@ def build_cache(
     dctx = Dist.from_env()
     dctx.init()
     device = dctx.device
-    model, tok, transform = load_for_inference(teacher_dir, device=device, dtype=TEACHER_DTYPE)
+    dtype = precision_dtype(cfg.precision, device, "cache.precision")
+    model, tok, transform = load_for_inference(teacher_dir, device=device, dtype=dtype)
     manifest = load_manifest(shard_dir)
     n_img = num_image_tokens(model.config)
     if cfg.k > len(tok):
         raise CacheError(f"cache.k = {cfg.k} exceeds the teacher's vocabulary ({len(tok)} tokens)")
-    fp = cache_fingerprint(teacher_dir, manifest, cfg, len(tok), teacher_dtype=TEACHER_DTYPE)
+    fp = cache_fingerprint(teacher_dir, manifest, cfg, len(tok))
     max_len = fp["max_len"]  # records are truncated as the fingerprint says
     if dctx.is_main:
         writer = CacheWriter(out, fp)  # creates the root (or checks its fingerprint) before others open it

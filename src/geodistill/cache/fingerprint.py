@@ -8,7 +8,7 @@ Fields: ``teacher_sha256``, ``tokenizer_sha256`` (the teacher folder's recorded 
 ``manifest_sha256`` (the shard contents), ``template``, ``vocab_size``, ``max_len`` (the longest
 tokenised record, the teacher's context length), ``k``, ``pooling``, ``encoding`` (``CacheConfig``),
 ``feature_dtype`` (how projector features are stored) and ``teacher_dtype`` (the dtype of the teacher
-pass: a bf16 pass gives other log-probs than a float32 one).
+pass, ``cache.precision``: a bf16 pass gives other log-probs than a float32 one).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from geodistill.config import CacheConfig, Encoding
 from geodistill.data.shards import manifest_hash
 from geodistill.data.template import TEMPLATE_NAME
 from geodistill.errors import CacheError
-from geodistill.models.checkpoints import model_fingerprint, resolve
+from geodistill.models.checkpoints import PRECISIONS, model_fingerprint, resolve
 
-TEACHER_DTYPE = torch.float32
-"""The dtype the builder runs the teacher in (CPU default; docs/design.md, "Precision")."""
 FEATURE_DTYPE = "float16"
 """How the store keeps projector features."""
 LAYOUT_FIELDS = ("vocab_size", "k", "encoding")
@@ -86,10 +84,9 @@ def cache_fingerprint(
     cfg: CacheConfig,
     vocab_size: int,
     max_len: int | None = None,
-    *,
-    teacher_dtype: torch.dtype = TEACHER_DTYPE,
 ) -> dict[str, Any]:
-    """The fingerprint of the cache of ``teacher_dir`` over the shards of ``manifest`` with ``cfg``.
+    """The fingerprint of the cache of ``teacher_dir`` over the shards of ``manifest`` with ``cfg``
+    (``cfg.precision`` gives the teacher dtype).
 
     ``vocab_size``: the teacher tokenizer's length; ``max_len``: default the teacher's context length
     (what ``build_cache`` truncates records to).
@@ -105,7 +102,7 @@ def cache_fingerprint(
         k=cfg.k,
         pooling=cfg.pooling,
         encoding=cfg.encoding,
-        teacher_dtype=teacher_dtype,
+        teacher_dtype=PRECISIONS[cfg.precision],
     )
 
 
@@ -123,7 +120,7 @@ def scratch_fingerprint(
         k=k,
         pooling=pooling,
         encoding=encoding,
-        teacher_dtype=TEACHER_DTYPE,
+        teacher_dtype=PRECISIONS[CacheConfig().precision],
     )
 
 
