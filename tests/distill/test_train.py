@@ -714,3 +714,14 @@ def test_bench_distill_smoke(capsys):
     assert "kd-cache" in out and "kd-live" in out
     row = out.strip().splitlines()[-1].split()  # batch, sft s/step, then "<s/step> (<ratio>x)" per variant
     assert row[0] == "2" and float(row[1]) > 0 and row[3].endswith("x)")
+
+
+def test_bench_memory_smoke(capsys):
+    """``python -m geodistill.bench.memory`` at a tiny shape: checkpointing lowers the measured peak."""
+    from geodistill.bench.memory import main
+
+    tiny = "--hidden 64 --layers 3 --vision-hidden 64 --image-size 112 --patch 14 --text-tokens 20 --batch 1"
+    off, on = main(tiny.split())
+    assert (off.checkpointing, on.checkpointing) == (False, True)
+    assert 0 < on.peak_bytes < off.peak_bytes
+    assert "| on |" in capsys.readouterr().out
