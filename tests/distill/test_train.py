@@ -3,7 +3,8 @@
 Fast tests: the learning-rate schedule; ``run_loop`` on a toy module (exact resume, run keys, non-finite
 losses); ``shuffled_batches``; ``run_distill`` on the tiny workspace of conftest.py (loss terms, export,
 teacher loading, on-policy, LoRA, resume); the cache-to-student alignment of ``gather_targets``.
-Slow tests (``pytest -m slow``): two processes under torchrun (gloo): plain DDP and DeepSpeed ZeRO-2.
+Slow tests (``pytest -m slow``): two processes under torchrun (gloo): plain DDP, DeepSpeed ZeRO-2, and
+ZeRO-3 with CPU offload (with LoRA in run_distill).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from geodistill.cache.build import build_cache, cache_fingerprint, record_key
 from geodistill.cache.store import CacheReader
 from geodistill.config import (
     CacheConfig,
+    DeepSpeedConfig,
     DistillConfig,
     LoraConfig,
     OnPolicyConfig,
@@ -645,12 +647,21 @@ def test_deepspeed_zero2_two_processes_same_weights_as_one(tmp_path):
     check_ranks_match_reference(tmp_path, single_process_reference(tmp_path))
 
 
-def worker_args(ws, cfg: DistillConfig) -> str:
+@pytest.mark.slow
+@pytest.mark.parametrize("offload", ["none", "all"])
+def test_deepspeed_zero3_two_processes_same_weights_as_one(tmp_path, offload):
+    """ZeRO-3 (parameters partitioned too), with CPU offload of optimizer and parameters or without:
+    the same weights as one process, across a crash and resume, gathered whole into the module."""
+    torchrun("toy", str(tmp_path), "--deepspeed", "3", "--offload", offload, "--crash-at", "3")
+    check_ranks_match_reference(tmp_path, single_process_reference(tmp_path))
+
+
+def worker_args(ws, cfg: DistillConfig, student: StudentConfig | None = None) -> str:
     """dist_worker.py's ``distill`` arguments: configs and the workspace's inputs."""
     args = {
         "distill": dataclasses.asdict(cfg),
         "cache": dataclasses.asdict(ws.cache_cfg),
-        "student": dataclasses.asdict(StudentConfig()),
+        "student": dataclasses.asdict(student or StudentConfig()),
         **{k: str(v) for k, v in inputs(ws, Path()).items() if k != "paths"},
     }
     return json.dumps(args)
@@ -670,6 +681,28 @@ def test_deepspeed_zero2_run_distill(workspace, tmp_path):
         assert all(math.isfinite(r["summary"]["train"][t]) for t in ("kl", "align", "pt", "loss"))
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", local_files_only=True)
     assert set(saved_tensors(tmp_path / "model")) == set(saved_tensors(workspace.student))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_offload_lora_run_distill(workspace, tmp_path):
+    """run_distill under ZeRO-3 with LoRA and the optimizer offloaded to CPU memory, two processes: both
+    ranks end with the same whole student (partitions gathered, LoRA merged into the targets only)."""
+    train = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, log_every=1, max_len=512)
+    student = StudentConfig(lora=LoraConfig(enabled=True, r=4, alpha=8, targets=("q_proj", "o_proj")))
+    ds = DeepSpeedConfig(enabled=True, zero_stage=3, offload="optimizer")
+    cfg = tiny_distill(train=train, deepspeed=ds)
+    torchrun("distill", str(tmp_path), worker_args(workspace, cfg, student), cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+    for r in ranks:
+        assert r["summary"]["steps"] == 3 and r["summary"]["skipped_nonfinite"] == 0
+        assert all(math.isfinite(r["summary"]["train"][t]) for t in ("kl", "align", "pt", "loss"))
+    base, trained = saved_tensors(workspace.student), saved_tensors(tmp_path / "model")
+    assert set(trained) == set(base)
+    o_proj = [k for k in base if "language_model" in k and "o_proj.weight" in k]
+    k_proj = [k for k in base if "language_model" in k and "k_proj.weight" in k]
+    assert o_proj and all(not torch.equal(base[k], trained[k]) for k in o_proj)  # adapters merged in
+    assert all(torch.equal(base[k], trained[k]) for k in k_proj)  # not a target: untouched
 
 
 @pytest.mark.slow
