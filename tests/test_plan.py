@@ -18,7 +18,6 @@ from geodistill.plan import arithmetic as A
 from geodistill.plan.inputs import RunPlan, override_args, read_preset, run_plan, sections
 from geodistill.plan.report import build_plan
 from geodistill.plan.shapes import (
-    DEFAULT_LORA_TARGETS,
     TABLE8_PARTS,
     TABLE8_VOCAB,
     ModelShape,
@@ -29,14 +28,7 @@ from geodistill.plan.shapes import (
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "geochat.yaml"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PENDING = {
-    "cache.precision",
-    "student.lora.targets",
-    "sft.train.precision",
-    "sft.train.gradient_checkpointing",
-    "distill.train.precision",
-    "distill.train.gradient_checkpointing",
-}
+PENDING: set[str] = set()
 """Preset keys config.py lacks today. When the schema gains one, this test fails: drop it from here."""
 
 
@@ -255,7 +247,7 @@ def test_preset_is_valid_params_except_pending():
         assert path[-1] not in {f.name for f in dataclasses.fields(cls)}, key
     typed = sections(preset)
     assert typed["student"].lora.r == 64 and typed["student"].arch.image_size == 504
-    plan, _ = run_plan(preset, {}, DEFAULT_LORA_TARGETS)
+    plan, _ = run_plan(preset, {})
     assert plan.lora_targets == ALL_LINEAR and plan.precision == "bf16" and plan.checkpointing
     assert (plan.gpus, plan.micro_batch * plan.gpus) == (6, 144)  # the paper's 6 GPUs, global batch 144
 
@@ -273,14 +265,14 @@ def test_preset_overrides_parse_as_hydra_and_round_trip():
 
 def test_flags_override_preset_and_bad_values_are_reported_together():
     preset = read_preset(PRESET, ROOT / "params.yaml")
-    plan, _ = run_plan(preset, {"gpus": 8, "zero": 3, "lora_r": None}, DEFAULT_LORA_TARGETS)
+    plan, _ = run_plan(preset, {"gpus": 8, "zero": 3, "lora_r": None})
     assert (plan.gpus, plan.zero, plan.lora_r) == (8, 3, 64)
     with pytest.raises(ConfigError) as e:
-        run_plan(preset, {"gpus": 0, "zero": 5, "records_per_image": 0.5}, DEFAULT_LORA_TARGETS)
+        run_plan(preset, {"gpus": 0, "zero": 5, "records_per_image": 0.5})
     for needle in ("gpus must be >= 1", "zero must be", "records_per_image >= 1"):
         assert needle in str(e.value)
     with pytest.raises(ConfigError, match=r"plan\.precision: must be one of"):
-        run_plan(preset, {"precision": "fp8"}, DEFAULT_LORA_TARGETS)
+        run_plan(preset, {"precision": "fp8"})
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -305,4 +297,8 @@ def test_cli_preset_prints_dvc_arguments(capsys):
     assert main(["preset", str(PRESET)]) == 0
     captured = capsys.readouterr()
     assert "-S ++teacher.arch.hidden_size=5120" in captured.out.splitlines()
-    assert "not applied" in captured.err and "student.lora.targets" in captured.err
+    assert "-S ++student.lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]" in (
+        captured.out.splitlines()
+    )
+    assert "-S ++distill.train.precision=bf16" in captured.out.splitlines()
+    assert "not applied" not in captured.err  # every preset key is in the schema

@@ -171,6 +171,12 @@ class TokenizerConfig:
         )
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+"""Compute precision of a training loop or of the teacher pass. Training keeps float32 master weights and
+optimizer state in every case (bf16/fp16 = autocast, or DeepSpeed's bf16/fp16 mode); fp16 needs a CUDA GPU
+(loss scaling); bf16 runs on CPUs too, slowly (geodistill.distill.train, geodistill.cache.build)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training loop's settings (SFT and distillation share the loop).
@@ -201,6 +207,12 @@ class TrainConfig:
     """Steps between resumable checkpoints (0: only at the end)."""
     max_nonfinite: int = 10
     """Non-finite losses skipped before the run aborts."""
+    precision: Precision = "fp32"
+    """Compute precision: fp32, or bf16/fp16 autocast over float32 master weights and optimizer state
+    (DeepSpeed's bf16/fp16 mode under DeepSpeed). fp16 needs a CUDA GPU (dynamic loss scaling)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward instead of keeping them: the language model's decoder layers,
+    and the vision tower's when it trains (python -m geodistill.bench.memory measures the saving)."""
 
     def problems(self) -> list[str]:
         out = [
@@ -225,6 +237,11 @@ class LoraConfig:
     """LoRA scaling numerator."""
     dropout: float = 0.0
     """LoRA dropout."""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """Linear layers of the language model LoRA wraps (last name part, e.g. q_proj, down_proj)."""
+
+    def problems(self) -> list[str]:
+        return [] if self.targets else ["targets must name at least one layer (e.g. [q_proj, v_proj])"]
 
 
 # The embedded default models of params.yaml: the teacher (LLM 256 x 4) clearly larger than the
@@ -291,6 +308,9 @@ class CacheConfig:
     (0.83 MB): pooling, not int8, is the loss (`python -m geodistill.bench.features`)."""
     batch_size: int = 64
     """Records per teacher forward."""
+    precision: Precision = "fp32"
+    """Dtype of the teacher's weights and compute in the teacher pass (recorded in the cache fingerprint):
+    fp32, or bf16/fp16 (fp16 needs a CUDA GPU)."""
 
     def problems(self) -> list[str]:
         return [f"{k} must be >= 1" for k in ("k", "pooling", "batch_size") if getattr(self, k) < 1]
@@ -360,9 +380,18 @@ class DeepSpeedConfig:
     """Train under DeepSpeed (launch with `deepspeed` or `torchrun`)."""
     zero_stage: int = 2
     """ZeRO stage (0-3)."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """ZeRO-Offload to CPU memory: none; optimizer (its state and step, stage >= 1); all (the parameters
+    too, stage 3 only)."""
 
     def problems(self) -> list[str]:
-        return [] if self.zero_stage in (0, 1, 2, 3) else ["zero_stage must be 0, 1, 2 or 3"]
+        if self.zero_stage not in (0, 1, 2, 3):
+            return ["zero_stage must be 0, 1, 2 or 3"]
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            return ["offload 'optimizer' needs zero_stage >= 1"]
+        if self.offload == "all" and self.zero_stage != 3:
+            return ["offload 'all' (parameters too) needs zero_stage 3"]
+        return []
 
 
 Divergence = Literal["reverse", "forward", "jsd", "skew_forward", "skew_reverse"]

@@ -29,6 +29,11 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device:
+        """This process's device: its local CUDA GPU when there is one, else the CPU."""
+        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
     def init(self) -> None:
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geodistill.cache import codec, feature_codec, store
-from geodistill.cache.fingerprint import TEACHER_DTYPE, make_fingerprint
+from geodistill.cache.fingerprint import make_fingerprint
 from geodistill.errors import CacheError
 
 VOCAB = 300
@@ -30,7 +31,7 @@ def fingerprint(k: int = 4, encoding: str = "uint8_log", **changes: Any) -> dict
         k=k,
         pooling=1,
         encoding=encoding,
-        teacher_dtype=TEACHER_DTYPE,
+        teacher_dtype=torch.float32,
     )
     return make_fingerprint(**{**fields, **changes})
 

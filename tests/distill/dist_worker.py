@@ -1,10 +1,11 @@
 """Worker of the multi-process tests in test_train.py (gloo, CPU), one process per rank (from tests/distill):
 
-    torchrun --standalone --nproc_per_node 2 dist_worker.py toy OUT [--deepspeed 2] [--crash-at N]
+    torchrun --standalone --nproc_per_node 2 dist_worker.py toy OUT [--deepspeed STAGE] [--crash-at N]
     torchrun --standalone --nproc_per_node 2 dist_worker.py distill OUT ARGS_JSON
     python dist_worker.py distill OUT ARGS_JSON [--kill-at N]       # one process
 
-``toy``: ``run_loop`` on a small MLP, each rank on its half of a global batch; with ``--crash-at`` the
+``toy``: ``run_loop`` on a small MLP (under DeepSpeed ZeRO STAGE with ``--deepspeed``, ``--offload`` as
+``distill.deepspeed.offload``), each rank on its half of a global batch; with ``--crash-at`` the
 first run raises at that step and a second run resumes from its checkpoint. ``distill``: ``run_distill``
 with the configs and input paths in ARGS_JSON, writing OUT/{model,dvclive,checkpoints}; with
 ``--kill-at`` the process kills itself with SIGKILL at that step. Each rank writes OUT/rank<r>.pt =
@@ -26,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geodistill.config import CacheConfig, DistillConfig, StudentConfig, TrainConfig, from_dict
+from geodistill.config import (
+    CacheConfig,
+    DeepSpeedConfig,
+    DistillConfig,
+    StudentConfig,
+    TrainConfig,
+    from_dict,
+)
 from geodistill.distill.sft import RunPaths
 from geodistill.distill.train import Dist, run_loop
 
@@ -67,7 +75,7 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
 
-def run_toy(out: Path, deepspeed_stage: int | None, crash_at: int | None) -> dict:
+def run_toy(out: Path, deepspeed: DeepSpeedConfig | None, crash_at: int | None) -> dict:
     d = Dist.from_env()
     history: list[dict[str, float]] = []
     ckpt = out / "ckpt"
@@ -79,7 +87,7 @@ def run_toy(out: Path, deepspeed_stage: int | None, crash_at: int | None) -> dic
     if crash_at is not None:
         try:
             run_loop(model, toy_batches(d.rank, d.world_size), toy_step(model, crash_at), TOY, ckpt,
-                     logger=log, deepspeed_stage=deepspeed_stage, run_key="toy")  # fmt: skip
+                     logger=log, deepspeed=deepspeed, run_key="toy")  # fmt: skip
         except RuntimeError:
             pass
         else:
@@ -87,7 +95,7 @@ def run_toy(out: Path, deepspeed_stage: int | None, crash_at: int | None) -> dic
         model = toy_model()  # a fresh process would start from the initial weights
         history.clear()  # and a fresh logger
     result = run_loop(model, toy_batches(d.rank, d.world_size), toy_step(model), TOY, ckpt,
-                      logger=log, deepspeed_stage=deepspeed_stage, run_key="toy")  # fmt: skip
+                      logger=log, deepspeed=deepspeed, run_key="toy")  # fmt: skip
     # rank 0 logs; other ranks return their LoopResult history (rank 0's rows up to the checkpoint,
     # then their own local losses)
     return {"weights": flat(model), "history": history if d.is_main else result.history}
@@ -135,12 +143,14 @@ def main() -> None:
     p.add_argument("mode", choices=["toy", "distill"])
     p.add_argument("out", type=Path)
     p.add_argument("args_json", nargs="?", default="{}")
-    p.add_argument("--deepspeed", type=int, default=None)
+    p.add_argument("--deepspeed", type=int, default=None, help="ZeRO stage")
+    p.add_argument("--offload", default="none", help="distill.deepspeed.offload")
     p.add_argument("--crash-at", type=int, default=None)
     p.add_argument("--kill-at", type=int, default=None)
     a = p.parse_args()
     if a.mode == "toy":
-        res = run_toy(a.out, a.deepspeed, a.crash_at)
+        ds = None if a.deepspeed is None else DeepSpeedConfig(True, a.deepspeed, a.offload)
+        res = run_toy(a.out, ds, a.crash_at)
     else:
         res = run_distill_worker(a.out, json.loads(a.args_json), a.kill_at)
     d = Dist.from_env()

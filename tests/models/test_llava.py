@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from geodistill.config import LoraConfig
 from geodistill.errors import ModelError
 from geodistill.models.checkpoints import save_llava, weights_hash
 from geodistill.models.llava import (
+    ATTENTION,
     apply_lora,
     build_llava,
     capture_projector,
     count_parameters,
+    enable_checkpointing,
     freeze_vision_tower,
     merge_lora,
     num_image_tokens,
@@ -125,7 +128,7 @@ def test_lora_touches_only_language_model_q_v(tok, student_arch):
     ids, pixels = batch(tok, 16)
     with torch.no_grad():
         before = model(input_ids=ids, pixel_values=pixels).logits
-    wrapped = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    wrapped = apply_lora(model, r=4, alpha=8, dropout=0.0, targets=LoraConfig().targets)
     lora = [n for n, _ in wrapped.named_parameters() if "lora_" in n]
     assert lora and all("language_model" in n and ("q_proj" in n or "v_proj" in n) for n in lora)
     assert not any("vision_tower" in n for n in lora)
@@ -169,3 +172,65 @@ def test_unwrap_sees_through_wrappers(tok, student_arch):
     assert unwrap(holder) is model
     with pytest.raises(ModelError, match="LlavaForConditionalGeneration"):
         unwrap(torch.nn.Linear(2, 2))
+
+
+def _gradients(model, ids, pixels) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, pixel_values=pixels).logits.float().logsumexp(-1).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora+frozen tower"])
+def test_checkpointing_gives_identical_gradients(tok, student_arch, mode):
+    """Non-reentrant activation checkpointing recomputes the same float32 forward in backward: the same
+    gradients to the bit (on CPU), with LoRA and a frozen tower too, where it wraps only the LLM."""
+    ids, pixels = batch(tok, 16)
+
+    def make():
+        torch.manual_seed(0)  # the same LoRA initialisation for both
+        model = build_llava(student_arch, tok, seed=0)
+        if mode != "full":
+            freeze_vision_tower(model)
+            model = apply_lora(model, 4, 8, 0.0, LoraConfig().targets)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.1)  # else the adapters' A matrices get no gradient
+        return model
+
+    plain, ckpt = make(), make()
+    parts = enable_checkpointing(ckpt)
+    assert parts == (["language model", "vision tower"] if mode == "full" else ["language model"])
+    base = unwrap(ckpt).model
+    assert base.language_model.is_activation_checkpointing
+    assert base.vision_tower.is_activation_checkpointing == (mode == "full")
+    want, got = _gradients(plain, ids, pixels), _gradients(ckpt, ids, pixels)
+    assert set(got) == set(want) and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_checkpointing_needs_a_llava():
+    with pytest.raises(ModelError, match="gradient_checkpointing: false"):
+        enable_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_sdpa_attention_equals_eager(tok, arch):
+    """Built (and loaded) models use SDPA; its outputs equal eager attention's within float32 rounding,
+    with padding (an attention mask) too."""
+    sdpa = build_llava(arch, tok, seed=0).eval()
+    assert sdpa.config._attn_implementation == ATTENTION == "sdpa"
+    assert sdpa.config.text_config._attn_implementation == "sdpa"
+    eager = build_llava(arch, tok, seed=0).eval()
+    eager.set_attn_implementation("eager")
+    assert eager.config.text_config._attn_implementation == "eager"
+    ids, pixels = batch(tok, num_image_tokens(sdpa))
+    ids = torch.cat([torch.full_like(ids[:, :3], tok.pad_token_id), ids], 1)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # row 0 left-padded
+    mask[1, :3] = 0
+    with torch.no_grad():
+        a = sdpa(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        b = eager(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    torch.testing.assert_close(a[:, 3:], b[:, 3:], rtol=1e-5, atol=1e-5)

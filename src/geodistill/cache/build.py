@@ -33,14 +33,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from geodistill.cache.fingerprint import TEACHER_DTYPE, cache_fingerprint
+from geodistill.cache.fingerprint import cache_fingerprint
 from geodistill.cache.store import CacheWriter, ShardWriter, record_key
 from geodistill.config import CacheConfig
 from geodistill.data.collate import IGNORE, Batch, Example, collate
 from geodistill.data.shards import iter_shard, load_manifest, shards_for_rank
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError
-from geodistill.models.checkpoints import load_for_inference
+from geodistill.models.checkpoints import load_for_inference, precision_dtype
 from geodistill.models.features import pool_image_features
 from geodistill.models.llava import capture_projector, num_image_tokens
 
@@ -186,23 +186,20 @@ def build_shard(
 # ------------------------------------------------------------------------------------ the stage
 
 
-def _device(dctx: Dist) -> torch.device:
-    return torch.device(f"cuda:{dctx.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def build_cache(
     teacher_dir: Path, shard_dir: Path, out: Path, cfg: CacheConfig, *, progress: bool = True
 ) -> dict[str, Any]:
     """Build (or resume) the cache for this process's shards; returns counts and throughput."""
     dctx = Dist.from_env()
     dctx.init()
-    device = _device(dctx)
-    model, tok, transform = load_for_inference(teacher_dir, device=device, dtype=TEACHER_DTYPE)
+    device = dctx.device
+    dtype = precision_dtype(cfg.precision, device, "cache.precision")
+    model, tok, transform = load_for_inference(teacher_dir, device=device, dtype=dtype)
     manifest = load_manifest(shard_dir)
     n_img = num_image_tokens(model.config)
     if cfg.k > len(tok):
         raise CacheError(f"cache.k = {cfg.k} exceeds the teacher's vocabulary ({len(tok)} tokens)")
-    fp = cache_fingerprint(teacher_dir, manifest, cfg, len(tok), teacher_dtype=TEACHER_DTYPE)
+    fp = cache_fingerprint(teacher_dir, manifest, cfg, len(tok))
     max_len = fp["max_len"]  # records are truncated as the fingerprint says
     if dctx.is_main:
         writer = CacheWriter(out, fp)  # creates the root (or checks its fingerprint) before others open it

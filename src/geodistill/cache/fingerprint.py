@@ -8,7 +8,7 @@ Fields: ``teacher_sha256``, ``tokenizer_sha256`` (the teacher folder's recorded 
 ``manifest_sha256`` (the shard contents), ``template``, ``vocab_size``, ``max_len`` (the longest
 tokenised record, the teacher's context length), ``k``, ``pooling``, ``encoding`` (``CacheConfig``),
 ``feature_encoding`` (how projector features are stored: ``cache.feature_codec``) and ``teacher_dtype``
-(the dtype of the teacher pass: a bf16 pass gives other log-probs than a float32 one).
+(the dtype of the teacher pass, ``cache.precision``: a bf16 pass gives other log-probs than a float32 one).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from geodistill.config import CacheConfig, Encoding, FeatureEncoding
 from geodistill.data.shards import manifest_hash
 from geodistill.data.template import TEMPLATE_NAME
 from geodistill.errors import CacheError
-from geodistill.models.checkpoints import model_fingerprint, resolve
+from geodistill.models.checkpoints import PRECISIONS, model_fingerprint, resolve
 
-TEACHER_DTYPE = torch.float32
-"""The dtype the builder runs the teacher in (CPU default; docs/design.md, "Precision")."""
 LAYOUT_FIELDS = ("vocab_size", "k", "encoding", "feature_encoding")
 """Fields the store itself needs: they fix the arrays' shapes and dtypes."""
 
@@ -85,10 +83,9 @@ def cache_fingerprint(
     cfg: CacheConfig,
     vocab_size: int,
     max_len: int | None = None,
-    *,
-    teacher_dtype: torch.dtype = TEACHER_DTYPE,
 ) -> dict[str, Any]:
-    """The fingerprint of the cache of ``teacher_dir`` over the shards of ``manifest`` with ``cfg``.
+    """The fingerprint of the cache of ``teacher_dir`` over the shards of ``manifest`` with ``cfg``
+    (``cfg.precision`` gives the teacher dtype).
 
     ``vocab_size``: the teacher tokenizer's length; ``max_len``: default the teacher's context length
     (what ``build_cache`` truncates records to).
@@ -104,7 +101,7 @@ def cache_fingerprint(
         k=cfg.k,
         pooling=cfg.pooling,
         encoding=cfg.encoding,
-        teacher_dtype=teacher_dtype,
+        teacher_dtype=PRECISIONS[cfg.precision],
         feature_encoding=cfg.feature_encoding,
     )
 
@@ -127,7 +124,7 @@ def scratch_fingerprint(
         k=k,
         pooling=pooling,
         encoding=encoding,
-        teacher_dtype=TEACHER_DTYPE,
+        teacher_dtype=PRECISIONS[CacheConfig().precision],
         feature_encoding=feature_encoding,
     )
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from geodistill.cache.fingerprint import cache_fingerprint
 from geodistill.cache.store import CacheReader, record_key
-from geodistill.config import CacheConfig, DistillConfig, StudentConfig
+from geodistill.config import CacheConfig, DistillConfig, Precision, StudentConfig
 from geodistill.data.collate import IGNORE, Batch, Example, collate_text, left_pad, shuffled_batches
 from geodistill.data.prepare import read_pretrain
 from geodistill.data.shards import load_manifest
@@ -33,8 +33,13 @@ from geodistill.distill.sft import Collator, RunPaths, finish_run, prepare_train
 from geodistill.distill.train import RunLog, run_loop
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError, ConfigError, ModelError
-from geodistill.models.checkpoints import load_for_training, model_fingerprint
-from geodistill.models.llava import capture_projector, num_image_tokens, unwrap
+from geodistill.models.checkpoints import (
+    load_for_inference,
+    load_for_training,
+    model_fingerprint,
+    precision_dtype,
+)
+from geodistill.models.llava import capture_projector, device_of, num_image_tokens, unwrap
 from geodistill.models.tokenizer import check_compatible, tokenizer_hash
 from geodistill.models.transform import ImageTransform
 
@@ -79,7 +84,9 @@ def gather_targets(reader: CacheReader, examples: Sequence[Example], batch: Batc
         ids.append(torch.from_numpy(row.ids[:n]))
         lps.append(torch.from_numpy(row.logprobs[:n]))
     feats = torch.from_numpy(reader.features([ex.sample_key for ex in examples]))  # decoded float32
-    return CachedTargets(torch.cat(ids).long(), torch.cat(lps).float(), kl_mask, feats)
+    dev = kl_mask.device  # the batch's, so the student's
+    ids_t, lps_t = torch.cat(ids).long().to(dev), torch.cat(lps).float().to(dev)
+    return CachedTargets(ids_t, lps_t, kl_mask, feats.to(dev))
 
 
 def offline_terms(
@@ -142,7 +149,7 @@ def onpolicy_terms(
         encode_conversation(tok, ex.record.conversations[:2], num_image_tokens, for_generation=True).input_ids
         for ex in examples
     ]
-    ids, mask = left_pad(prompts, tok.pad_token_id)
+    ids, mask = (t.to(pixel_values.device) for t in left_pad(prompts, tok.pad_token_id))
     samples = mixed_sample(
         kd.student,
         teacher,
@@ -179,15 +186,19 @@ def pretrain_texts(prepared: Path, cfg: DistillConfig) -> list[str]:
     return texts
 
 
-def load_teacher(teacher_dir: Path, tok, transform: ImageTransform) -> nn.Module:
-    """The frozen live teacher for the on-policy terms; it must tokenise and preprocess as the student."""
-    teacher, teacher_tok, teacher_transform = load_for_training(teacher_dir)
+def load_teacher(teacher_dir: Path, tok, transform: ImageTransform, precision: Precision) -> nn.Module:
+    """The frozen live teacher for the on-policy terms, on this process's device (where ``run_loop`` puts
+    the student) in the training ``precision``'s dtype (a bf16 run keeps a 13B teacher in 26 GB, not 52);
+    it must tokenise and preprocess as the student."""
+    device = Dist.from_env().device
+    dtype = precision_dtype(precision, device, "distill.train.precision")
+    teacher, teacher_tok, teacher_transform = load_for_inference(teacher_dir, device=device, dtype=dtype)
     check_compatible(teacher_tok, tok)
     if teacher_transform != transform:
         raise ModelError(
             f"teacher and student preprocess images differently ({teacher_transform} vs {transform})"
         )
-    return teacher.eval().requires_grad_(False)
+    return teacher
 
 
 @dataclass
@@ -206,13 +217,15 @@ class DistillStep:
 
     def __call__(self, examples: list[Example], step: int) -> dict[str, torch.Tensor]:
         cfg, tok = self.cfg, self.collator.tok
-        batch = self.collator(examples)
+        device = device_of(self.kd)  # where run_loop placed the student
+        batch = self.collator(examples).to(device)
         targets = gather_targets(self.reader, examples, batch)
         # Seeded by step, not one running RNG: a resumed run draws the same L_PT batches.
         rng = random.Random(f"pt-{cfg.train.seed}-{self.rank}-{step}")
         pt = None
         if self.pt_texts:
             pt = pretrain_batch(self.pt_texts, rng, cfg.pt_batch_size, tok, cfg.train.max_len)
+            pt = tuple(t.to(device) for t in pt)
         terms = offline_terms(self.kd, batch, targets, cfg, self.pooling, pt)
         if self.teacher is not None and step % cfg.onpolicy.every == 0:
             sub = examples[: cfg.onpolicy.batch_size]
@@ -261,7 +274,7 @@ def run_distill(
     student = prepare_trainable(student, student_cfg)
     kd = KDModule(student, adapter)
     # the on-policy terms are the only reason to load the teacher model at all
-    teacher = load_teacher(teacher_dir, tok, transform) if cfg.onpolicy.enabled else None
+    teacher = load_teacher(teacher_dir, tok, transform, train.precision) if cfg.onpolicy.enabled else None
     collator = Collator(tok, transform, n_img, train.max_len)
     d = Dist.from_env()
     generator = torch.Generator().manual_seed(train.seed + 1000 * d.rank)
@@ -279,7 +292,7 @@ def run_distill(
         paths.checkpoints,
         logger=log,
         generator=generator,
-        deepspeed_stage=cfg.deepspeed.zero_stage if cfg.deepspeed.enabled else None,
+        deepspeed=cfg.deepspeed,
         run_key=key,
     )
     return finish_run(kd.student, collator, train, result, log, shards / "val", paths)

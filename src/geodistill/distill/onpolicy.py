@@ -192,7 +192,10 @@ def mixed_sample(
             q_logits = q_out.logits[:, -1].float()  # (B, V)
             p_logits = p_out.logits[:, -1].float()  # (B, V)
             log_q, log_p, log_mix = _step_distributions(q_logits, p_logits, mix_alpha, temperature)
-            y = torch.multinomial(log_mix.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            probs = log_mix.exp()  # (B, V)
+            if generator is not None and generator.device != probs.device:
+                probs = probs.cpu()  # the run's generator (checkpointed with it) lives on the CPU
+            y = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)  # (B,)
             y = torch.where(done, torch.full_like(y, pad_token_id), y)
             live = ~done  # (B,) this step belongs to the response
             tokens.append(y)

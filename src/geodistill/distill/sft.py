@@ -26,6 +26,7 @@ from geodistill.models.checkpoints import load_for_training, save_llava, write_f
 from geodistill.models.llava import (
     apply_lora,
     build_llava,
+    device_of,
     freeze_vision_tower,
     merge_lora,
     num_image_tokens,
@@ -63,7 +64,7 @@ class Collator:
 
 
 def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """(B, T, V) logits of a LLaVA model on a batch."""
+    """(B, T, V) logits of a LLaVA model on a batch (on the model's device)."""
     return model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
     ).logits
@@ -71,6 +72,7 @@ def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def sft_step(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     """Cross-entropy on assistant tokens only."""
+    batch = batch.to(device_of(model))
     loss = lm_loss(forward(model, batch), batch.labels)
     return {"loss": loss, "ce": loss.detach()}
 
@@ -84,6 +86,7 @@ def heldout_loss(model: nn.Module, batches: Iterator[Batch], max_batches: int) -
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
+        batch = batch.to(device_of(model))
         logits = forward(model, batch)[:, :-1]
         labels = batch.labels[:, 1:]
         m = labels != IGNORE
@@ -123,7 +126,7 @@ def prepare_trainable(model: nn.Module, cfg: StudentConfig) -> nn.Module:
     if cfg.freeze_vision:
         freeze_vision_tower(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     return model
 
 

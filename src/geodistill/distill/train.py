@@ -24,9 +24,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from geodistill.config import TrainConfig
+from geodistill.config import DeepSpeedConfig, TrainConfig
 from geodistill.distributed import Dist
 from geodistill.errors import TrainingError
+from geodistill.models.checkpoints import precision_dtype
+from geodistill.models.llava import enable_checkpointing
 
 StepFn = Callable[[Any, int], dict[str, torch.Tensor]]
 Logger = Callable[[int, dict[str, float]], None]
@@ -100,39 +102,68 @@ class _Trainer:
     params: list[nn.Parameter]
     opt: torch.optim.Optimizer
     run_step: nn.Module
+    device: torch.device
     engine: Any = None
+    autocast: torch.dtype | None = None
+    """Autocast dtype of the forward (bf16/fp16 without DeepSpeed); None: the weights' own dtype."""
+    scaler: torch.amp.GradScaler | None = None
+    """fp16's dynamic loss scaling (CUDA, without DeepSpeed, which scales fp16 losses itself)."""
+
+
+def deepspeed_config(cfg: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a run: ZeRO stage and CPU offload, bf16/fp16 mode, clipping.
+
+    In bf16/fp16 mode DeepSpeed keeps the module's weights in 16 bits and float32 masters and optimizer
+    state in the (ZeRO-partitioned) optimizer. The optimizer is torch's AdamW, offloaded or not
+    (DeepSpeedCPUAdam would be faster with offload, but JIT-compiles for minutes on first use).
+    """
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+    }
 
 
 def _setup(
-    module: nn.Module, step_fn: StepFn, cfg: TrainConfig, deepspeed_stage: int | None, dctx: Dist
+    module: nn.Module, step_fn: StepFn, cfg: TrainConfig, ds: DeepSpeedConfig | None, dctx: Dist
 ) -> _Trainer:
-    """AdamW over what is trainable in ``module``, and what runs a step in this process group."""
+    """AdamW over what is trainable in ``module``, and what runs a step in this process group, on this
+    process's device, in ``cfg.precision`` (float32 master weights and optimizer state in every case)."""
+    device = dctx.device
+    dtype = precision_dtype(cfg.precision, device, "train.precision")
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(module)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("nothing to train: every parameter is frozen")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     run_step: nn.Module = StepModule(module, step_fn)
-    if deepspeed_stage is not None:
+    if ds is not None and ds.enabled:
         import deepspeed  # optional: imported only when asked for
 
-        ds_cfg = {
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": deepspeed_stage},
-            "zero_allow_untested_optimizer": True,
-            "fp16": {"enabled": False},
-            "bf16": {"enabled": False},
-            "steps_per_print": 10**9,
-        }
+        ds_cfg = deepspeed_config(cfg, ds)
         engine, opt, _, _ = deepspeed.initialize(model=run_step, optimizer=opt, config=ds_cfg)
-        return _Trainer(module, params, opt, engine, engine)
+        return _Trainer(module, params, opt, engine, device, engine)
+    module.to(device)
     if dctx.world_size > 1:
         # Some parameters get no gradient in every step (CLIP's post_layernorm under LLaVA, the feature
         # adapter when align_weight = 0): DDP must look for them, or its reduction waits for them forever
         # and fails at the next step.
         run_step = DistributedDataParallel(run_step, find_unused_parameters=True)
-    return _Trainer(module, params, opt, run_step)
+    autocast = None if dtype == torch.float32 else dtype
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return _Trainer(module, params, opt, run_step, device, autocast=autocast, scaler=scaler)
 
 
 def _all_finite(loss: torch.Tensor, dctx: Dist) -> bool:
@@ -148,7 +179,9 @@ def _train_step(
     """One optimizer step; None (and no update on any rank) when the loss is not finite on some rank."""
     for g in tr.opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(step, cfg)
-    terms = tr.run_step(batch, step)
+    # autocast covers the forward only: backward runs each op in the dtype its forward used
+    with torch.autocast(tr.device.type, dtype=tr.autocast or torch.float32, enabled=tr.autocast is not None):
+        terms = tr.run_step(batch, step)
     loss = terms["loss"]
     if not _all_finite(loss, dctx):
         return None  # before backward: DDP and ZeRO have synchronised no gradient yet
@@ -156,12 +189,43 @@ def _train_step(
         tr.engine.backward(loss)  # ZeRO reduces the gradients and clips them in step()
         tr.engine.step()
         return terms
-    loss.backward()  # under DDP, the averaged gradients over every rank
+    if tr.scaler is None:
+        loss.backward()  # under DDP, the averaged gradients over every rank
+    else:
+        tr.scaler.scale(loss).backward()
+        tr.scaler.unscale_(tr.opt)  # clip the true gradients
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(tr.params, cfg.grad_clip)
-    tr.opt.step()
+    if tr.scaler is None:
+        tr.opt.step()
+    else:
+        tr.scaler.step(tr.opt)  # skipped when the scaled gradients overflowed
+        tr.scaler.update()
     tr.opt.zero_grad(set_to_none=True)
     return terms
+
+
+def _gather_deepspeed_weights(tr: _Trainer, dctx: Dist) -> None:
+    """After a DeepSpeed run: the whole float32 weights back into ``tr.module`` as plain tensors (a
+    collective: every rank calls it), so merging LoRA, evaluating and saving work as after any run.
+
+    ZeRO-3 leaves each rank a partition of every parameter, and bf16/fp16 mode leaves 16-bit copies in
+    the module; the float32 masters live in the optimizer (trainable parameters) and the partitions
+    (frozen ones).
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = list(tr.module.parameters())
+    full: list[torch.Tensor] = []
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        for p in params:
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            full.append((p.data if master is None else master).detach().float().clone())
+    tr.engine.destroy()  # removes ZeRO-3's hooks, which would gather and re-partition in every forward
+    for p, value in zip(params, full, strict=True):
+        p.data = value.to(tr.device)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -223,6 +287,8 @@ def _save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         state = {**client, "model": tr.module.state_dict(), "optimizer": tr.opt.state_dict()}
+        if tr.scaler is not None:
+            state["scaler"] = tr.scaler.state_dict()
         torch.save(state, tmp / "state.pt")
         (tmp / PROGRESS).write_text(json.dumps(record))
         if folder.exists():
@@ -247,6 +313,8 @@ def _resume(
         client = torch.load(folder / "state.pt", weights_only=False, map_location="cpu")
         tr.module.load_state_dict(client.pop("model"))
         tr.opt.load_state_dict(client.pop("optimizer"))
+        if tr.scaler is not None and "scaler" in client:
+            tr.scaler.load_state_dict(client.pop("scaler"))
     _restore_rng(client["rng"], generator, dctx)
     return _Progress(client["step"], client["skipped"], client["latest"], client["history"])
 
@@ -281,7 +349,7 @@ def run_loop(
     *,
     logger: Logger | None = None,
     generator: torch.Generator | None = None,
-    deepspeed_stage: int | None = None,
+    deepspeed: DeepSpeedConfig | None = None,
     resume: bool = True,
     run_key: str = "",
 ) -> LoopResult:
@@ -293,11 +361,14 @@ def run_loop(
     ``cfg.checkpoint_every`` steps. ``out_dir`` should not be a DVC output (DVC deletes those before a
     re-run); ``run_key`` (a hash of everything that defines the run) keeps a checkpoint of another
     configuration from being resumed. Under a process group, gradients are averaged by DDP, or by
-    DeepSpeed ZeRO with ``deepspeed_stage``.
+    DeepSpeed ZeRO with ``deepspeed`` (enabled). ``module`` is moved to this process's device (its CUDA
+    GPU, else the CPU): step functions move their batches to it. ``cfg.precision`` and
+    ``cfg.gradient_checkpointing`` apply to everything in ``module``. When the run ends, ``module`` holds
+    the whole float32 weights on every rank (after ZeRO-3 and 16-bit DeepSpeed modes too).
     """
     dctx = Dist.from_env()
     dctx.init()
-    tr = _setup(module, step_fn, cfg, deepspeed_stage, dctx)
+    tr = _setup(module, step_fn, cfg, deepspeed, dctx)
     progress = _resume(tr, out_dir, run_key, generator, dctx) if resume else _Progress()
     start, last = progress.step, {}
     if start and dctx.is_main:
@@ -325,6 +396,8 @@ def run_loop(
         if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.step < cfg.steps:
             _save(tr, out_dir, progress, _gather_rng(generator, dctx), run_key, dctx)
     seconds = time.perf_counter() - t0
+    if tr.engine is not None:
+        _gather_deepspeed_weights(tr, dctx)
     return LoopResult(cfg.steps, start, progress.skipped, seconds, last, progress.history)
 
 

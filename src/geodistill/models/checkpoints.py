@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
-from geodistill.errors import ModelError
+from geodistill.config import Precision
+from geodistill.errors import ConfigError, ModelError
 from geodistill.files import atomic_dir
-from geodistill.models.llava import is_peft, set_generation_ids, unwrap
+from geodistill.models.llava import ATTENTION, is_peft, set_generation_ids, unwrap
 from geodistill.models.tokenizer import image_token_id, load_tokenizer, tokenizer_hash
 from geodistill.models.transform import ImageTransform
 
@@ -39,6 +40,12 @@ ADOPTED = "adopted.json"
 FINGERPRINT = "fingerprint.json"
 TRAINING_DTYPE = torch.float32
 """Master weights of a model being trained (optimizer updates in bf16/fp16 would lose small steps)."""
+PRECISIONS: dict[Precision, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+"""The dtype of each ``precision`` param value (``train.precision``, ``cache.precision``)."""
 
 Loaded = tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, ImageTransform]
 
@@ -98,6 +105,20 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
+def precision_dtype(precision: Precision, device: torch.device, param: str) -> torch.dtype:
+    """The dtype of ``precision`` on ``device``; fp16 only on CUDA (CPUs have no fast float16 kernels, and
+    fp16 training needs loss scaling, which torch's GradScaler does on CUDA only). ``param`` names the
+    setting in errors (e.g. ``distill.train.precision``)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{param}: must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"{param} is fp16, which needs a CUDA GPU (this process runs on {device.type}); use bf16 "
+            "(runs on CPUs too) or fp32"
+        )
+    return PRECISIONS[precision]
+
+
 def load_for_inference(
     model_dir: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Loaded:
@@ -109,8 +130,8 @@ def load_for_inference(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    model, tok, transform = _load(resolve(model_dir), dtype or inference_dtype(device))
-    model.to(device).eval().requires_grad_(False)
+    model, tok, transform = _load(resolve(model_dir), dtype or inference_dtype(device), device)
+    model.eval().requires_grad_(False)
     return model, tok, transform
 
 
@@ -172,9 +193,11 @@ def check_checkpoint(path: str | Path) -> tuple[LlavaConfig, PreTrainedTokenizer
     return config, tok
 
 
-def _load(path: Path, dtype: torch.dtype) -> Loaded:
-    """Model (on the CPU, in ``dtype``), tokenizer and image transform of a checkpoint folder; refuses
-    weights that do not match the config (transformers would initialise the gaps at random)."""
+def _load(path: Path, dtype: torch.dtype, device: torch.device | None = None) -> Loaded:
+    """Model (in ``dtype``, with SDPA attention), tokenizer and image transform of a checkpoint folder;
+    refuses weights that do not match the config (transformers would initialise the gaps at random).
+    Each weight is read in ``dtype`` straight onto ``device`` (default: the CPU): a 13B bf16 teacher never
+    exists in float32, nor as a whole on the CPU on its way to the GPU."""
     config, tok = check_checkpoint(path)
     try:
         model, info = LlavaForConditionalGeneration.from_pretrained(
@@ -184,6 +207,8 @@ def _load(path: Path, dtype: torch.dtype) -> Loaded:
             trust_remote_code=False,
             use_safetensors=True,
             dtype=dtype,
+            device_map=None if device is None else str(device),
+            attn_implementation=ATTENTION,
             output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as e:

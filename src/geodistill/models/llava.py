@@ -41,6 +41,10 @@ from geodistill.models.tokenizer import image_token_id
 
 VISION_FEATURE_LAYER = -1
 """CLIP layer whose output feeds the projector in built models (every layer trained and used)."""
+ATTENTION = "sdpa"
+"""Attention kernel of every model built (here) or loaded (``checkpoints``): torch's
+scaled_dot_product_attention (fused kernels on GPUs, no T x T probabilities kept for backward); equal to
+eager attention within float32 rounding (tests/models/test_llava.py)."""
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -88,6 +92,7 @@ def llava_config(
         vision_feature_layer=vision_feature_layer,
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
+        attn_implementation=ATTENTION,
     )
 
 
@@ -149,6 +154,11 @@ def unwrap(model: nn.Module) -> LlavaForConditionalGeneration:
     )
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s (first) parameter: where its inputs must go."""
+    return next(model.parameters()).device
+
+
 def freeze_vision_tower(model: nn.Module) -> int:
     """Stop gradients into the CLIP tower (GeoChat's default). Returns the number of frozen parameters."""
     params = list(unwrap(model).model.vision_tower.parameters())
@@ -162,7 +172,7 @@ def apply_lora(
     r: int,
     alpha: int,
     dropout: float,
-    targets: Sequence[str] = ("q_proj", "v_proj"),
+    targets: Sequence[str],
     *,
     train_projector: bool = True,
 ) -> nn.Module:
@@ -189,6 +199,30 @@ def apply_lora(
         for p in unwrap(wrapped).model.multi_modal_projector.parameters():
             p.requires_grad_(True)
     return wrapped
+
+
+def enable_checkpointing(model: nn.Module) -> list[str]:
+    """Activation checkpointing of every LLaVA inside ``model`` (a peft/DDP/KD wrapper too): the language
+    model's decoder layers, and the vision tower's layers when any tower parameter trains (a frozen tower
+    keeps no activations for backward, so checkpointing it would only cost a recompute). Returns the parts.
+
+    Non-reentrant (``use_reentrant=False``): gradients are the same as without, and it needs no input that
+    requires grad, so it works under LoRA where every base weight is frozen.
+    """
+    bases = [m for m in model.modules() if isinstance(m, LlavaForConditionalGeneration)]
+    if not bases:
+        raise ModelError(
+            f"gradient_checkpointing is for LLaVA models; {type(model).__name__} holds none: set "
+            "train.gradient_checkpointing: false"
+        )
+    parts = []
+    for base in bases:
+        parts.append("language model")
+        base.model.language_model.activation_checkpointing_enable({"use_reentrant": False})
+        if any(p.requires_grad for p in base.model.vision_tower.parameters()):
+            base.model.vision_tower.activation_checkpointing_enable({"use_reentrant": False})
+            parts.append("vision tower")
+    return parts
 
 
 def merge_lora(model: nn.Module) -> LlavaForConditionalGeneration:

@@ -20,10 +20,9 @@ from typing import Any, Literal
 import yaml
 
 from geodistill.cache import codec
-from geodistill.config import SECTIONS, CacheConfig, FeatureEncoding, from_dict, read_params
+from geodistill.config import SECTIONS, CacheConfig, FeatureEncoding, Precision, from_dict, read_params
 from geodistill.errors import ConfigError
 
-Precision = Literal["fp32", "bf16", "fp16"]
 PRECISION_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -189,19 +188,6 @@ def read_preset(path: str | Path, base: str | Path | None = None) -> Preset:
     return Preset(path, params, plan, tuple(pending))
 
 
-def _lookup(typed: Mapping[str, Any], raw: Mapping[str, Any], dotted: str, default: Any) -> Any:
-    """A params value: the typed config's field when config.py has it, else the raw (pending) value, else
-    ``default`` (today's behaviour without the field)."""
-    obj: Any = typed
-    node: Any = raw
-    for part in dotted.split("."):
-        obj = obj.get(part) if isinstance(obj, Mapping) else getattr(obj, part, None)
-        node = node.get(part) if isinstance(node, Mapping) else None
-    if obj is not None:
-        return obj
-    return node if node is not None else default
-
-
 def sections(preset: Preset) -> dict[str, Any]:
     """Every params section, typed and validated (pending keys left out); all problems at once."""
     known = _without(preset.params, schema_unknown(preset.params))
@@ -216,25 +202,22 @@ def sections(preset: Preset) -> dict[str, Any]:
     return out
 
 
-def run_plan(
-    preset: Preset, flags: Mapping[str, Any], default_targets: Sequence[str]
-) -> tuple[RunPlan, dict[str, Any]]:
+def run_plan(preset: Preset, flags: Mapping[str, Any]) -> tuple[RunPlan, dict[str, Any]]:
     """RunPlan from the params, the preset's ``plan:`` and the flags (None = not given), and the typed
-    sections. ``default_targets``: the LoRA targets the pipeline uses when the params name none."""
+    sections."""
     typed = sections(preset)
-    raw = preset.params
     student, cache, distill = typed["student"], typed["cache"], typed["distill"]
     derived = {
-        "precision": _lookup(typed, raw, "distill.train.precision", "fp32"),
-        "teacher_precision": _lookup(typed, raw, "cache.precision", "fp32"),
+        "precision": distill.train.precision,
+        "teacher_precision": cache.precision,
         "zero": distill.deepspeed.zero_stage if distill.deepspeed.enabled else 0,
         "micro_batch": distill.train.batch_size,
         "teacher_batch": cache.batch_size,
         "lora_r": student.lora.r if student.lora.enabled else 0,
-        "lora_targets": list(_lookup(typed, raw, "student.lora.targets", default_targets)),
+        "lora_targets": list(student.lora.targets),
         "lora_dropout": student.lora.dropout,
         "freeze_vision": student.freeze_vision,
-        "checkpointing": _lookup(typed, raw, "distill.train.gradient_checkpointing", False),
+        "checkpointing": distill.train.gradient_checkpointing,
         "k": cache.k,
         "encoding": cache.encoding,
         "pooling": cache.pooling,

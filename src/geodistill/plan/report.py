@@ -21,7 +21,6 @@ from geodistill.plan.arithmetic import (
 )
 from geodistill.plan.inputs import Preset, RunPlan, run_plan
 from geodistill.plan.shapes import (
-    DEFAULT_LORA_TARGETS,
     PARTS,
     TABLE8_PARTS,
     TABLE8_VOCAB,
@@ -48,7 +47,7 @@ class Plan:
 
 def build_plan(preset: Preset, flags: Mapping[str, Any]) -> Plan:
     """Read the inputs and build both models on the meta device."""
-    run, typed = run_plan(preset, flags, DEFAULT_LORA_TARGETS)
+    run, typed = run_plan(preset, flags)
     shapes = []
     for name in ("teacher", "student"):
         cfg = typed[name]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from geodistill.config import LlavaArch
-from geodistill.models.llava import apply_lora, llava_config, num_image_tokens
+from geodistill.models.llava import llava_config, num_image_tokens
 
 PARTS = ("vision tower", "position embeddings", "projector", "LLM embeddings", "LLM decoder", "LLM lm_head")
 """Parameter groups; "vision tower" excludes its position embeddings, "LLM decoder" holds the final norm."""
@@ -22,8 +21,6 @@ TABLE8_PARTS = ("position embeddings", "projector", "LLM embeddings", "LLM decod
 (1 + 36*36)-row ``nn.Embedding``, which stays trainable by flag (the tower runs under ``no_grad``, so it never
 learns). At Llama's 32,000-token vocabulary these parts equal Table 8 to the printed digit."""
 TABLE8_VOCAB = 32000
-DEFAULT_LORA_TARGETS: tuple[str, ...] = inspect.signature(apply_lora).parameters["targets"].default
-"""What the pipeline wraps when params name no LoRA targets."""
 
 
 @dataclass(frozen=True)
