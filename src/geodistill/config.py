@@ -280,6 +280,10 @@ class CacheConfig:
     """Average pooling of the projector features over the patch grid (kernel = stride)."""
     batch_size: int = 64
     """Records per teacher forward."""
+    prefix_reuse: bool = True
+    """Run the shared prefix of an image's records (system prompt, image tokens) once per image and only
+    each record's rest after it (geodistill.cache.prefix); same content up to float32 noise, so not
+    part of the cache fingerprint."""
 
     def problems(self) -> list[str]:
         return [f"{k} must be >= 1" for k in ("k", "pooling", "batch_size") if getattr(self, k) < 1]
