@@ -18,24 +18,34 @@ Each cell is one image with R records in one batch (what a shard sample gives th
 ``--repeats`` interleaved rounds; seconds per record are medians, the ratio is the median of the paired
 per-round ratios. "max |d log p|" is the largest difference between the two passes' cached log-probs
 (top-k and target), float32. One torch thread.
+
+A second table times the embedded default (``--embedded-batches`` batches, 0 skips it): the default teacher
+architecture (random weights: the cost is the same), the default tokenizer size, synthetic shards with the
+pipeline's scene settings, ``cache.batch_size`` records per batch as ``build_cache`` reads them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from geodistill.cache.build import TeacherOutput, teacher_signals
-from geodistill.config import CacheConfig, LlavaArch
-from geodistill.data.collate import IGNORE, Batch
+from geodistill.cache.build import TeacherOutput, shard_batches, teacher_signals
+from geodistill.config import CacheConfig, LlavaArch, TeacherConfig, TokenizerConfig
+from geodistill.data.collate import IGNORE, Batch, collate
+from geodistill.data.prepare import tokenizer_corpus
+from geodistill.data.shards import load_manifest
 from geodistill.markdown import table
-from geodistill.models.llava import llava_config
+from geodistill.models.llava import build_llava, llava_config, num_image_tokens
+from geodistill.models.tokenizer import build_tokenizer
+from geodistill.models.transform import ImageTransform
 from geodistill.plan.arithmetic import Flops, image_flops, llm_flops
 from geodistill.plan.shapes import shape_of
 
@@ -126,12 +136,13 @@ def _max_diff(a: TeacherOutput, b: TeacherOutput) -> float:
     return float(max(top, np.abs(a.target_logprob - b.target_logprob).max()))
 
 
-def measure(model: torch.nn.Module, batch: Batch, k: int, repeats: int) -> dict[str, float]:
+def measure(model: torch.nn.Module, batches: list[Batch], k: int, repeats: int) -> dict[str, float]:
     """Median seconds per record of both passes, their paired ratio and the largest log-prob difference."""
-    runs: dict[bool, Callable[[], TeacherOutput]] = {
-        reuse: lambda reuse=reuse: teacher_signals(model, batch, k, 1, prefix_reuse=reuse)
-        for reuse in (False, True)
-    }
+
+    def run(reuse: bool) -> list[TeacherOutput]:
+        return [teacher_signals(model, b, k, 1, prefix_reuse=reuse) for b in batches]
+
+    runs = {reuse: functools.partial(run, reuse) for reuse in (False, True)}
     outs = {reuse: fn() for reuse, fn in runs.items()}  # warm-up
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
@@ -139,12 +150,12 @@ def measure(model: torch.nn.Module, batch: Batch, k: int, repeats: int) -> dict[
             t0 = time.perf_counter()
             fn()
             times[reuse].append(time.perf_counter() - t0)
-    n = len(batch.image_ids)
+    n = sum(len(b.image_ids) for b in batches)
     return {
         "plain": statistics.median(times[False]) / n,
         "reuse": statistics.median(times[True]) / n,
         "ratio": statistics.median(r / p for r, p in zip(times[True], times[False], strict=True)),
-        "diff": _max_diff(outs[True], outs[False]),
+        "diff": max(_max_diff(a, b) for a, b in zip(outs[True], outs[False], strict=True)),
     }
 
 
@@ -160,6 +171,28 @@ def predicted(model: torch.nn.Module, batch: Batch) -> tuple[Flops, float]:
     return total, reuse / total.total
 
 
+def embedded_default(n_batches: int, repeats: int) -> dict[str, float]:
+    """Both passes over the first batches of synthetic shards, through the default teacher's shape."""
+    from geodistill.bench.cache import synthetic_shards  # the cache bench's synthetic data
+
+    cfg, arch = CacheConfig(), TeacherConfig().arch
+    with tempfile.TemporaryDirectory(prefix="bench-prefix-") as tmp:
+        shards = synthetic_shards(Path(tmp), n_batches * cfg.batch_size)
+        tok = build_tokenizer(tokenizer_corpus(Path(tmp) / "prepared"), TokenizerConfig().vocab_size)
+        model = build_llava(arch, tok, seed=0).eval()
+        transform, n_img = ImageTransform(arch.image_size), num_image_tokens(model)
+
+        def collate_fn(examples: list) -> Batch:
+            return collate(examples, tok, transform, n_img, arch.max_position_embeddings, tok.pad_token_id)
+
+        name = load_manifest(shards)["shards"][0]["name"]
+        batches = [kb.batch for kb in shard_batches(shards / name, cfg.batch_size, collate_fn)][:n_batches]
+    m = measure(model, batches, cfg.k, repeats)
+    m["records"] = sum(len(b.image_ids) for b in batches)
+    m["images"] = len({i for b in batches for i in b.image_ids})
+    return m
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image-tokens", type=int, nargs="+", default=[576, 1296])
@@ -171,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=384)
     ap.add_argument("--k", type=int, default=CacheConfig().k)
+    ap.add_argument("--embedded-batches", type=int, default=4, help="embedded default batches (0: skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -179,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(args, n_img)
         for records in args.records:
             batch = image_batch(model, records, args.vocab, gen)
-            m = measure(model, batch, args.k, args.repeats)
+            m = measure(model, [batch], args.k, args.repeats)
             flops, ratio = predicted(model, batch)
             share = {name: getattr(flops, name) / flops.total for name in ("vision", "attention", "lm_head")}
             text = float(batch.attention_mask.sum(1).float().mean()) - n_img
@@ -194,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["image tokens", "records/image", "text tokens", "plain s/rec", "reuse s/rec", "reuse/plain"]
     columns += ["predicted", "vision %", "attention %", "lm_head %", "max |d log p|"]
     print(table(columns, rows))
+    if args.embedded_batches > 0:
+        m = embedded_default(args.embedded_batches, args.repeats)
+        size = CacheConfig().batch_size
+        print(f"\nembedded default: {m['records']} records of {m['images']} images, batches of {size}\n")
+        cells = [f"{m['plain']:.4f}", f"{m['reuse']:.4f}", f"{m['ratio']:.2f}", f"{m['diff']:.1e}"]
+        print(table(["plain s/rec", "reuse s/rec", "reuse/plain", "max |d log p|"], [cells]))
 
 
 if __name__ == "__main__":

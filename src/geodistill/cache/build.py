@@ -69,21 +69,42 @@ class TeacherOutput:
         )
 
 
+TOPK_CHUNK_ELEMENTS = 1 << 22
+"""Logit elements (rows x V) normalised at a time: 16 MB in float32, so that the row max, the exp-sum
+and the top-k read a block that is still in cache, and bf16 logits are never copied to float32 whole.
+On 2 CPU cores, every position supervised at V = 32000: 2.7x faster than one log_softmax over all rows
+(bench.cache, docs/design.md)."""
+
+
 @torch.inference_mode()
 def topk_signals(logits: torch.Tensor, labels: torch.Tensor, k: int) -> TeacherOutput:
     """Top-k at every supervised position of a teacher-forced pass.
 
     logits (B, T, V); labels (B, T) unshifted, IGNORE where nothing is predicted (position t of the
     logits predicts token t + 1). Rows come out row-major: each record's answer tokens in turn order.
+    log p = z - logsumexp(z) in float32 on blocks of rows: top-k of the raw logits z is the top-k of
+    log p (a shift per row), so the (N, V) log-probs are never materialised.
     """
     targets = labels[:, 1:]  # (B, T-1)
     sel = targets != IGNORE  # (B, T-1)
-    # Select before normalising: only the supervised positions (a few % of a LLaVA sequence) need the
-    # full-vocabulary log_softmax, and (B, T, V) float32 log-probs are gigabytes at GeoChat scale.
-    lp = torch.log_softmax(logits[:, :-1][sel].float(), dim=-1)  # (N, V)
-    top_lp, top_ids = lp.topk(k, dim=-1)  # (N, k), sorted descending
-    tgt = lp.gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)  # (N,)
-    return TeacherOutput(sel.sum(1).tolist(), top_ids.cpu().numpy(), top_lp.cpu().numpy(), tgt.cpu().numpy())
+    # Only the supervised positions (a few % of a LLaVA sequence) are read.
+    rows_b, rows_t = sel.nonzero(as_tuple=True)  # (N,), (N,) row-major
+    tgt_ids = targets[rows_b, rows_t]  # (N,)
+    step = max(1, TOPK_CHUNK_ELEMENTS // logits.shape[-1])
+    top_lp, top_ids, tgt = [], [], []
+    for i in range(0, max(1, len(rows_b)), step):  # once even with no rows: (0, k) outputs
+        z = logits[rows_b[i : i + step], rows_t[i : i + step]].float()  # (n, V)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+        values, ids = z.topk(k, dim=-1)  # (n, k), sorted descending
+        top_lp.append(values - lse)
+        top_ids.append(ids)
+        tgt.append((z.gather(-1, tgt_ids[i : i + step, None]) - lse).squeeze(-1))  # (n,)
+    return TeacherOutput(
+        sel.sum(1).tolist(),
+        torch.cat(top_ids).cpu().numpy(),
+        torch.cat(top_lp).cpu().numpy(),
+        torch.cat(tgt).float().cpu().numpy(),
+    )
 
 
 @torch.inference_mode()
