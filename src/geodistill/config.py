@@ -311,6 +311,10 @@ class CacheConfig:
     precision: Precision = "fp32"
     """Dtype of the teacher's weights and compute in the teacher pass (recorded in the cache fingerprint):
     fp32, or bf16/fp16 (fp16 needs a CUDA GPU)."""
+    prefix_reuse: bool = True
+    """Run the shared prefix of an image's records (system prompt, image tokens) once per image and only
+    each record's rest after it (geodistill.cache.prefix); same content up to float32 noise, so not
+    part of the cache fingerprint."""
 
     def problems(self) -> list[str]:
         return [f"{k} must be >= 1" for k in ("k", "pooling", "batch_size") if getattr(self, k) < 1]

@@ -275,7 +275,9 @@ def test_overlapped_shard_loop_writes_the_same_content_and_propagates_errors(
     model, transform = teacher
     tok, n_img = pipeline.tok, num_image_tokens(model)
     max_len = pipeline.teacher_arch.max_position_embeddings
-    signals = functools.partial(teacher_signals, model, k=BASE.k, pooling=BASE.pooling)
+    signals = functools.partial(
+        teacher_signals, model, k=BASE.k, pooling=BASE.pooling, prefix_reuse=BASE.prefix_reuse
+    )
 
     def batches(name: str):
         collate_fn = functools.partial(

@@ -2,15 +2,18 @@
 
     python -m geodistill.bench.cache --model PATH [--shards DIR] [--k 4 8 16 32 64] [--batch-size 64]
         [--encoding float16 float32 uint8_log] [--pooling 1 2] [--batches 6] [--repeats 3]
+        [--no-prefix-reuse] [--every-position]
 
 ``--model``: any local Hugging Face checkpoint (or pipeline model folder, ``adopted.json`` included). A
 LLaVA (``model_type: llava``) runs on the pipeline's shards with their images, through the builder's
 own per-shard loop; any other model loads with ``AutoModelForCausalLM`` and runs on the same records
-as text-only vicuna_v1 prompts (no image, no features). Without ``--shards`` a small synthetic set is
+as text-only vicuna_v1 prompts (no image, no features), its answers supervised, or every token with
+``--every-position`` (the top-k extraction's worst case). Without ``--shards`` a small synthetic set is
 generated in a temporary folder, with the pipeline's scene settings (``data.synthetic``). Only the first
 ``--batches`` batches are used. One torch thread; ``--device`` defaults to cuda when available. The
 defaults of k, batch size, encoding (the first one is timed) and pooling include the pipeline's
-(``cache.*``).
+(``cache.*``); so does ``--prefix-reuse`` (``cache.prefix_reuse``; the bare forward of (b) is always the
+plain one, so with reuse the ratio can exceed 1 on shards with several records per image).
 
 It prints:
 
@@ -108,19 +111,23 @@ class Teacher:
     signals: Callable[[Any, int], TeacherOutput]  # (batch, k) -> what the builder writes (features unpooled)
 
 
-def load_teacher(path: Path, device: torch.device) -> Teacher:
-    """A LLaVA through the pipeline's loader, anything else through AutoModelForCausalLM (float32)."""
+def load_teacher(
+    path: Path, device: torch.device, *, prefix_reuse: bool = False, every_position: bool = False
+) -> Teacher:
+    """A LLaVA through the pipeline's loader, anything else through AutoModelForCausalLM (float32).
+    ``prefix_reuse``: the LLaVA signals share each image's prefix as ``cache.prefix_reuse`` does;
+    ``every_position``: a causal LM is supervised at every token, not only the answers."""
     ensure_offline()
     folder = resolve(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{folder}: no config.json; --model must be a local Hugging Face checkpoint folder")
     if json.loads(config_file.read_text()).get("model_type") == "llava":
-        return _llava_teacher(folder, device)
-    return _causal_lm_teacher(folder, device)
+        return _llava_teacher(folder, device, prefix_reuse)
+    return _causal_lm_teacher(folder, device, every_position)
 
 
-def _llava_teacher(folder: Path, device: torch.device) -> Teacher:
+def _llava_teacher(folder: Path, device: torch.device, prefix_reuse: bool) -> Teacher:
     model, tok, transform = load_for_inference(folder, device=device)
     n_img, max_len = num_image_tokens(model), int(model.config.text_config.max_position_embeddings)
 
@@ -137,11 +144,11 @@ def _llava_teacher(folder: Path, device: torch.device) -> Teacher:
         lambda exs: collate(exs, tok, transform, n_img, max_len, tok.pad_token_id),
         forward,
         # Exactly what build_cache runs; unpooled, so that (a) can pool the features per --pooling.
-        lambda batch, k: teacher_signals(model, batch, k, pooling=1),
+        lambda batch, k: teacher_signals(model, batch, k, pooling=1, prefix_reuse=prefix_reuse),
     )
 
 
-def _causal_lm_teacher(folder: Path, device: torch.device) -> Teacher:
+def _causal_lm_teacher(folder: Path, device: torch.device, every_position: bool) -> Teacher:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -169,7 +176,8 @@ def _causal_lm_teacher(folder: Path, device: torch.device) -> Teacher:
         for i, (row, answer) in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-            labels[i, : len(row)] = torch.where(torch.tensor(answer), torch.tensor(row), IGNORE)
+            supervised = torch.ones(len(row), dtype=torch.bool) if every_position else torch.tensor(answer)
+            labels[i, : len(row)] = torch.where(supervised, torch.tensor(row), IGNORE)
         return TextBatch(ids, mask, labels)
 
     def forward(batch: TextBatch) -> torch.Tensor:
@@ -405,6 +413,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timing rounds for (b); medians are printed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--throughput-k", type=int, default=cfg.k, help="k of the build timed in (b)")
+    ap.add_argument(
+        "--prefix-reuse",
+        action=argparse.BooleanOptionalAction,
+        default=cfg.prefix_reuse,
+        help="a LLaVA build shares each image's prefix (cache.prefix_reuse); the bare forward never does",
+    )
+    ap.add_argument(
+        "--every-position",
+        action="store_true",
+        help="a causal LM is supervised at every token (the top-k extraction's worst case), not the answers",
+    )
     args = ap.parse_args(argv)
     for enc in args.encoding:
         codec.check_encoding(enc)
@@ -500,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    teacher = load_teacher(args.model, torch.device(args.device))
+    device = torch.device(args.device)
+    reuse, every = args.prefix_reuse, args.every_position
+    teacher = load_teacher(args.model, device, prefix_reuse=reuse, every_position=every)
     ks = sorted(k for k in args.k if k <= teacher.vocab_size)
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         work = Path(tmp)

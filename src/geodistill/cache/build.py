@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from geodistill.cache.fingerprint import cache_fingerprint
+from geodistill.cache.prefix import plan_prefixes, prefix_passes
 from geodistill.cache.store import CacheWriter, ShardWriter, record_key
 from geodistill.config import CacheConfig
 from geodistill.data.collate import IGNORE, Batch, Example, collate
@@ -42,7 +43,7 @@ from geodistill.distributed import Dist
 from geodistill.errors import CacheError
 from geodistill.models.checkpoints import load_for_inference, precision_dtype
 from geodistill.models.features import pool_image_features
-from geodistill.models.llava import capture_projector, num_image_tokens
+from geodistill.models.llava import capture_projector, num_image_tokens, unwrap
 
 # ------------------------------------------------------------------------------- teacher signals
 
@@ -68,27 +69,69 @@ class TeacherOutput:
         )
 
 
+TOPK_CHUNK_ELEMENTS = 1 << 22
+"""Logit elements (rows x V) normalised at a time: 16 MB in float32, so that the row max, the exp-sum
+and the top-k read a block that is still in cache, and bf16 logits are never copied to float32 whole.
+On 2 CPU cores, every position supervised at V = 32000: 2.7x faster than one log_softmax over all rows
+(bench.cache, docs/design.md)."""
+
+
 @torch.inference_mode()
 def topk_signals(logits: torch.Tensor, labels: torch.Tensor, k: int) -> TeacherOutput:
     """Top-k at every supervised position of a teacher-forced pass.
 
     logits (B, T, V); labels (B, T) unshifted, IGNORE where nothing is predicted (position t of the
     logits predicts token t + 1). Rows come out row-major: each record's answer tokens in turn order.
+    log p = z - logsumexp(z) in float32 on blocks of rows: top-k of the raw logits z is the top-k of
+    log p (a shift per row), so the (N, V) log-probs are never materialised.
     """
     targets = labels[:, 1:]  # (B, T-1)
     sel = targets != IGNORE  # (B, T-1)
-    # Select before normalising: only the supervised positions (a few % of a LLaVA sequence) need the
-    # full-vocabulary log_softmax, and (B, T, V) float32 log-probs are gigabytes at GeoChat scale.
-    lp = torch.log_softmax(logits[:, :-1][sel].float(), dim=-1)  # (N, V)
-    top_lp, top_ids = lp.topk(k, dim=-1)  # (N, k), sorted descending
-    tgt = lp.gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)  # (N,)
-    return TeacherOutput(sel.sum(1).tolist(), top_ids.cpu().numpy(), top_lp.cpu().numpy(), tgt.cpu().numpy())
+    # Only the supervised positions (a few % of a LLaVA sequence) are read.
+    rows_b, rows_t = sel.nonzero(as_tuple=True)  # (N,), (N,) row-major
+    tgt_ids = targets[rows_b, rows_t]  # (N,)
+    step = max(1, TOPK_CHUNK_ELEMENTS // logits.shape[-1])
+    top_lp, top_ids, tgt = [], [], []
+    for i in range(0, max(1, len(rows_b)), step):  # once even with no rows: (0, k) outputs
+        z = logits[rows_b[i : i + step], rows_t[i : i + step]].float()  # (n, V)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+        values, ids = z.topk(k, dim=-1)  # (n, k), sorted descending
+        top_lp.append(values - lse)
+        top_ids.append(ids)
+        tgt.append((z.gather(-1, tgt_ids[i : i + step, None]) - lse).squeeze(-1))  # (n,)
+    return TeacherOutput(
+        sel.sum(1).tolist(),
+        torch.cat(top_ids).cpu().numpy(),
+        torch.cat(top_lp).cpu().numpy(),
+        torch.cat(tgt).float().cpu().numpy(),
+    )
 
 
 @torch.inference_mode()
-def teacher_signals(model: torch.nn.Module, batch: Batch, k: int, pooling: int) -> TeacherOutput:
-    """Teacher-forced forward of one collated LLaVA batch -> top-k signals and pooled projector features."""
+def teacher_signals(
+    model: torch.nn.Module, batch: Batch, k: int, pooling: int, *, prefix_reuse: bool = False
+) -> TeacherOutput:
+    """Teacher-forced forward of one collated LLaVA batch -> top-k signals and pooled projector features.
+
+    With ``prefix_reuse`` the records of an image that share a prefix holding the image run it once
+    (:mod:`geodistill.cache.prefix`, which states the rule); the rest, and every batch without such a
+    group, take the plain pass. Same rows and features either way, up to float32 noise.
+    """
     batch = batch.to(next(model.parameters()).device)
+    plan = plan_prefixes(batch, unwrap(model).config.image_token_id) if prefix_reuse else None
+    if plan is None or not plan.groups:
+        return _plain_signals(model, batch, k, pooling)
+    suffix = prefix_passes(model, batch, plan.groups)
+    reused = topk_signals(suffix.logits, suffix.labels, k)
+    reused.features = pool_image_features(suffix.features.float(), pooling)[suffix.group_of].cpu().numpy()
+    parts = [(suffix.rows, reused)]
+    if plan.plain:
+        parts.append((plan.plain, _plain_signals(model, _select(batch, plan.plain), k, pooling)))
+    return _in_batch_order(parts, len(batch.image_ids))
+
+
+def _plain_signals(model: torch.nn.Module, batch: Batch, k: int, pooling: int) -> TeacherOutput:
+    """Every record's whole sequence in one forward."""
     with capture_projector(model) as cap:
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
@@ -96,6 +139,41 @@ def teacher_signals(model: torch.nn.Module, batch: Batch, k: int, pooling: int) 
     out = topk_signals(logits, batch.labels, k)
     out.features = pool_image_features(cap.features.float(), pooling).cpu().numpy()  # (B, P', D)
     return out
+
+
+def _select(batch: Batch, rows: list[int]) -> Batch:
+    """Some rows of a right-padded batch, trimmed to their longest record."""
+    idx = torch.tensor(rows, device=batch.input_ids.device)
+    t = int(batch.attention_mask[idx].sum(1).max())
+    return Batch(
+        batch.input_ids[idx, :t],
+        batch.attention_mask[idx, :t],
+        batch.labels[idx, :t],
+        batch.pixel_values[idx],
+        [batch.record_ids[r] for r in rows],
+        [batch.image_ids[r] for r in rows],
+        0,
+    )
+
+
+def _in_batch_order(parts: list[tuple[list[int], TeacherOutput]], n: int) -> TeacherOutput:
+    """One output from several passes over disjoint rows (``(batch rows, their output)``), rows 0..n-1."""
+    slots: list[Any] = [None] * n
+    for rows, out in parts:
+        assert out.features is not None
+        for r, record, feats in zip(rows, out.per_record(), out.features, strict=True):
+            slots[r] = (record, feats)
+    if any(s is None for s in slots):
+        covered = sum(s is not None for s in slots)
+        raise CacheError(f"teacher signals cover {covered} of {n} batch rows (a bug in the prefix plan)")
+    ids, lps, tgt = zip(*(record for record, _ in slots), strict=True)
+    return TeacherOutput(
+        [len(t) for t in tgt],
+        np.concatenate(ids),
+        np.concatenate(lps),
+        np.concatenate(tgt),
+        np.stack([feats for _, feats in slots]),
+    )
 
 
 # ------------------------------------------------------------------------------------- one shard
@@ -214,7 +292,9 @@ def build_cache(
     bar = tqdm(
         total=total_records, unit="rec", disable=not progress, desc=f"teacher cache (rank {dctx.rank})"
     )
-    signals = functools.partial(teacher_signals, model, k=cfg.k, pooling=cfg.pooling)
+    signals = functools.partial(
+        teacher_signals, model, k=cfg.k, pooling=cfg.pooling, prefix_reuse=cfg.prefix_reuse
+    )
 
     def collate_fn(examples: list[Example]) -> Batch:
         return collate(examples, tok, transform, n_img, max_len, tok.pad_token_id)
