@@ -72,8 +72,8 @@ class TeacherOutput:
 TOPK_CHUNK_ELEMENTS = 1 << 22
 """Logit elements (rows x V) normalised at a time: 16 MB in float32, so that the row max, the exp-sum
 and the top-k read a block that is still in cache, and bf16 logits are never copied to float32 whole.
-On 2 CPU cores, every position supervised at V = 32000: 2.7x faster than one log_softmax over all rows
-(bench.cache, docs/design.md)."""
+Measured on 2 loaded CPU cores, every position supervised, V = 32000: the extraction's share of
+``bench.cache``'s profile (forward_topk - bare) fell from 7.4 s to 1.6 s on a 4 x 512 Llama."""
 
 
 @torch.inference_mode()
