@@ -648,11 +648,11 @@ def test_deepspeed_zero2_two_processes_same_weights_as_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("offload", ["none", "all"])
-def test_deepspeed_zero3_two_processes_same_weights_as_one(tmp_path, offload):
-    """ZeRO-3 (parameters partitioned too), with CPU offload of optimizer and parameters or without:
-    the same weights as one process, across a crash and resume, gathered whole into the module."""
-    torchrun("toy", str(tmp_path), "--deepspeed", "3", "--offload", offload, "--crash-at", "3")
+def test_deepspeed_zero3_offload_two_processes_same_weights_as_one(tmp_path):
+    """ZeRO-3 (parameters partitioned too) with optimizer and parameters offloaded to CPU memory: the same
+    weights as one process, across a crash and resume, gathered whole into the module. (Without offload it
+    passed too; one case keeps `.ci/run` within its time: each costs ~3 min of two-process start-up.)"""
+    torchrun("toy", str(tmp_path), "--deepspeed", "3", "--offload", "all", "--crash-at", "3")
     check_ranks_match_reference(tmp_path, single_process_reference(tmp_path))
 
 
