@@ -17,7 +17,7 @@ import sys
 import typing
 from pathlib import Path
 
-from geodistill.config import FeatureEncoding
+from geodistill.config import FeatureEncoding, Precision
 from geodistill.errors import ConfigError, GeodistillError
 
 
@@ -101,7 +101,7 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     for name, kind, text in _PLAN_FLAGS:
         p.add_argument(f"--{name}", type=kind, help=f"{text} (default: from the file)")
     for name in ("precision", "teacher-precision"):
-        p.add_argument(f"--{name}", choices=("fp32", "bf16", "fp16"), help="default: from the file")
+        p.add_argument(f"--{name}", choices=typing.get_args(Precision), help="default: from the file")
     p.add_argument("--attention", choices=("sdpa", "eager"), help="default sdpa")
     p.add_argument(
         "--feature-encoding", choices=typing.get_args(FeatureEncoding), help="cached features"

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from geodistill.bench.prefix import Vocab, image_batch
+from geodistill.bench.prefix import Vocab, image_batch, predicted
 from geodistill.cache.build import teacher_signals
 from geodistill.config import DistillConfig, LlavaArch
 from geodistill.data.collate import IGNORE, Batch
@@ -44,8 +44,6 @@ from geodistill.distill.losses import make_adapter
 from geodistill.markdown import table
 from geodistill.models.checkpoints import PRECISIONS
 from geodistill.models.llava import llava_config
-from geodistill.plan.arithmetic import Flops, image_flops, llm_flops
-from geodistill.plan.shapes import shape_of
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 """Dense bf16 tensor-core peak (TFLOP/s, SXM parts) by a substring of ``torch.cuda.get_device_name``."""
@@ -110,9 +108,7 @@ def batch_of(model: torch.nn.Module, images: int, records: int, vocab: int, seed
 
 def forward_flops(model: torch.nn.Module, batch: Batch) -> float:
     """The planner's matmul FLOPs of one plain forward over every record of ``batch``."""
-    shape = shape_of(model, "bench", "random")
-    lengths = batch.attention_mask.sum(1).tolist()
-    return sum((image_flops(shape) + llm_flops(shape, t, t) for t in lengths), Flops()).total
+    return predicted(model, batch)[0].total
 
 
 def timed(fn: Callable[[], object], device: torch.device, steps: int) -> tuple[float, int]:
