@@ -351,8 +351,8 @@ class SftConfig:
 
 @dataclass(frozen=True)
 class OnPolicyConfig:
-    enabled: bool = False
-    """Add MiniLLM's on-policy terms (needs the live teacher)."""
+    enabled: bool = True
+    """Add MiniLLM's on-policy terms (needs the live teacher); the paper's method has them on."""
     every: int = 4
     """Run an on-policy update every N steps."""
     batch_size: int = 8
