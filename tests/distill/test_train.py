@@ -300,8 +300,10 @@ def inputs(ws, folder: Path) -> dict[str, Any]:
 
 
 def tiny_distill(**changes: Any) -> DistillConfig:
+    """Cached (offline) terms only unless ``onpolicy`` is given: the default config has them on."""
     train = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup=1, log_every=1, max_len=512)
-    return dataclasses.replace(DistillConfig(pt_batch_size=4, train=train), **changes)
+    offline = OnPolicyConfig(enabled=False)
+    return dataclasses.replace(DistillConfig(pt_batch_size=4, train=train, onpolicy=offline), **changes)
 
 
 @pytest.fixture
@@ -744,7 +746,7 @@ def test_bench_distill_smoke(capsys):
     tiny = ["--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--repeats", "1", "--images", "3"]
     main([*tiny, "--params", str(params)])
     out = capsys.readouterr().out
-    assert "kd-cache" in out and "kd-live" in out
+    assert "kd-cache" in out and "kd-live" in out and "kd-full" in out
     row = out.strip().splitlines()[-1].split()  # batch, sft s/step, then "<s/step> (<ratio>x)" per variant
     assert row[0] == "2" and float(row[1]) > 0 and row[3].endswith("x)")
 

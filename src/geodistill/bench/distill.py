@@ -12,10 +12,15 @@ clip, AdamW) on the same batches from the same initial student:
 - ``kd-cache-nopt``: the same without L_PT, which is a forward/backward of its own on ``pt_batch_size``
   texts: it separates the cost of distilling from the cost of the extra pretraining batch;
 - ``kd-live``: kd-cache with the teacher targets computed by a teacher forward inside every step
-  (``teacher_signals``, the function that builds the cache), as online-KD trainers do.
+  (``teacher_signals``, the function that builds the cache), as online-KD trainers do;
+- ``kd-full``: the default ``distill`` step itself (``DistillStep``): kd-cache every step plus MiniLLM's
+  on-policy terms every ``distill.onpolicy.every`` steps (teacher-mixed sampling by the student with the
+  live teacher, both scoring the samples). Its figure is the **mean** over the timed steps, whose number is
+  rounded up to a multiple of ``every``: the on-policy cost amortised over its interval.
 
-Reported: seconds per step (median over steps after ``--warmup``; each step the best of ``--repeats``
-rounds over the variants, since contention from other processes only ever adds time), the ratio to
+Reported: seconds per step (kd-full: mean, see above; the others: median over steps after ``--warmup``;
+each step the best of ``--repeats`` rounds over the variants, since contention from other processes only
+ever adds time), the ratio to
 SFT, and the teacher's forward alone (what the cache saves). ``--clock cpu`` times this process's CPU
 time instead of wall time: with one thread it is the uncontended wall time, robust on a shared machine.
 
@@ -50,7 +55,14 @@ from geodistill.config import SECTIONS, CacheConfig, DataConfig, DistillConfig, 
 from geodistill.data.collate import IGNORE, Batch, Example, shuffled_batches
 from geodistill.data.prepare import image_root, prepare, read_pretrain, tokenizer_corpus
 from geodistill.data.shards import load_manifest, write_shards
-from geodistill.distill.kd import CachedTargets, KDModule, gather_targets, offline_terms, pretrain_batch
+from geodistill.distill.kd import (
+    CachedTargets,
+    DistillStep,
+    KDModule,
+    gather_targets,
+    offline_terms,
+    pretrain_batch,
+)
 from geodistill.distill.losses import make_adapter
 from geodistill.distill.sft import Collator, sft_step
 from geodistill.distill.train import run_loop
@@ -59,7 +71,7 @@ from geodistill.models.llava import build_llava, count_parameters, num_image_tok
 from geodistill.models.tokenizer import build_tokenizer, check_compatible
 from geodistill.models.transform import ImageTransform
 
-VARIANTS = ("sft", "kd-cache", "kd-cache-nopt", "kd-live")
+VARIANTS = ("sft", "kd-cache", "kd-cache-nopt", "kd-live", "kd-full")
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -138,6 +150,12 @@ def step_function(variant: str, s: Setup, module: KDModule, collator: Collator, 
     def sft(examples: list[Example], _step: int) -> dict[str, torch.Tensor]:
         return sft_step(module.student, collator(examples))
 
+    if variant == "kd-full":
+        full = replace(cfg, onpolicy=replace(cfg.onpolicy, enabled=True), pt_batch_size=max(pt_batch, 1))
+        texts = s.pt_texts if pt_batch else []
+        generator = torch.Generator().manual_seed(0)
+        return DistillStep(module, s.reader, collator, full, s.cache.pooling, texts, s.teacher, generator, 0)
+
     def kd(examples: list[Example], step: int) -> dict[str, torch.Tensor]:
         batch = collator(examples)
         if variant.startswith("kd-cache"):
@@ -214,6 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall", help="cpu: process time (see above)")
     ap.add_argument("--params", help="a params.yaml to read (default: the shipped defaults)")
     args = ap.parse_args(argv)
+    every = section("distill", args.params).onpolicy.every
+    args.steps = -(-args.steps // every) * every  # whole on-policy intervals (kd-full's mean)
     if bool(args.teacher) != bool(args.student):
         ap.error("--teacher and --student go together")
     return args
@@ -231,6 +251,7 @@ def time_batch_size(
             times = time_variant(v, s, batch_size, args.warmup + args.steps, pt_batch, clock)
             best[v] = np.minimum(best[v], times)
     med = {v: float(np.median(best[v][args.warmup :])) for v in VARIANTS}
+    med["kd-full"] = float(np.mean(best["kd-full"][args.warmup :]))  # on-policy steps amortised
     med["teacher"] = time_teacher_forward(s, batch_size, args.steps, args.repeats, clock)
     return med
 
