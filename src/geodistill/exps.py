@@ -160,8 +160,18 @@ def run_queue(
         _dvc("exp", "run", "--queue", "-n", name, *(a for o in overrides for a in ("-S", o)), *targets)
     if any(have.get(n, {}).get("state") not in ("success", "done") for n in runs):
         _dvc("queue", "start", "-j", str(jobs))
+    misses = 0
     while True:
-        have = experiments()
+        try:
+            have = experiments()
+        except subprocess.CalledProcessError:
+            # `exp show` can fail while a worker is still laying out its temporary workspace.
+            misses += 1
+            if misses > 5:
+                raise
+            time.sleep(poll)
+            continue
+        misses = 0
         states = {n: have.get(n, {}).get("state") for n in runs}
         if all(s not in ("queued", "running") for s in states.values()):  # None: gone, counted as failed
             break
