@@ -131,6 +131,18 @@ def test_alpha_zero_samples_from_student_only(student, teacher, prompts):
     assert torch.equal(other.response_ids, s.response_ids)
 
 
+def test_image_token_is_never_drawn(prompts):
+    """Models that put nearly all mass on <image> still answer without it (it would break the forward)."""
+    student, teacher = tiny_llava(64, 0), tiny_llava(96, 1)
+    for model in (student, teacher):
+        with torch.no_grad():
+            model.lm_head.bias = torch.nn.Parameter(torch.zeros(V))
+            model.lm_head.bias[IMG] = 30.0
+    s = sample(student, teacher, prompts, alpha=0.5, max_new_tokens=8)
+    assert s.response_mask.any() and not (s.response_ids == IMG).any()
+    onpolicy_losses(student, teacher, s, clip=3.0)  # the full forward on prompt + response runs
+
+
 def test_alpha_one_samples_from_teacher_only(student, teacher, prompts):
     s = sample(student, teacher, prompts, alpha=1.0)
     assert torch.equal(s.logmix, s.logp)

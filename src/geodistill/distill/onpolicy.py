@@ -167,8 +167,8 @@ def mixed_sample(
     q_T, p_T are softmax(logits / temperature). Step 1 feeds the whole left-padded prompt (with
     ``pixel_values``); later steps feed only the new token with the caches, the attention mask extended by
     one and explicit positions (see ``position_ids_from_mask``). A row stops at its first EOS (kept in the
-    response); the loop ends when every row has stopped or after ``max_new_tokens``. Both models run in
-    eval mode (restored afterwards); no gradient.
+    response); the loop ends when every row has stopped or after ``max_new_tokens``. The image token is never
+    drawn. Both models run in eval mode (restored afterwards); no gradient.
     """
     _check_sampling(mix_alpha, temperature, max_new_tokens)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
@@ -183,6 +183,7 @@ def mixed_sample(
         step_ids, positions = input_ids, position_ids_from_mask(mask)  # first step: the whole prompt
         q_cache = p_cache = None
         pix: torch.Tensor | None = pixel_values
+        image_token = getattr(getattr(student, "config", None), "image_token_id", None)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         tokens, keep, lq, lp, lmix, kept_logits = [], [], [], [], [], []
         for _ in range(max_new_tokens):
@@ -193,6 +194,11 @@ def mixed_sample(
             p_logits = p_out.logits[:, -1].float()  # (B, V)
             log_q, log_p, log_mix = _step_distributions(q_logits, p_logits, mix_alpha, temperature)
             probs = log_mix.exp()  # (B, V)
+            if image_token is not None:
+                # An <image> in a response makes LLaVA's next forward expect another image's features. The
+                # draw skips it; the recorded log-probs stay those of the full distributions (a trained model
+                # gives <image> ~0 mass in answers, so importance weights are off by 1 / (1 - that mass)).
+                probs[:, image_token] = 0.0
             if generator is not None and generator.device != probs.device:
                 probs = probs.cpu()  # the run's generator (checkpointed with it) lives on the CPU
             y = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)  # (B,)
