@@ -20,9 +20,9 @@ clip, AdamW) on the same batches from the same initial student:
 
 Reported: seconds per step (kd-full: mean, see above; the others: median over steps after ``--warmup``;
 each step the best of ``--repeats`` rounds over the variants, since contention from other processes only
-ever adds time), the ratio to
-SFT, and the teacher's forward alone (what the cache saves). ``--clock cpu`` times this process's CPU
-time instead of wall time: with one thread it is the uncontended wall time, robust on a shared machine.
+ever adds time), the ratio to SFT, and the teacher's forward alone (what the cache saves). ``--clock cpu``
+times this process's CPU time instead of wall time: with one thread it is the uncontended wall time, robust
+on a shared machine.
 
 Settings: the pipeline's defaults (the dataclass defaults, equal to the shipped params.yaml), or those of
 ``--params FILE``. Models: the embedded default architectures (``teacher.arch``, ``student.arch``;
