@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from geodistill.eval.tables import pct
 from geodistill.eval.tasks import HEADLINE, PRIMARY
 from geodistill.markdown import table
 
@@ -185,10 +186,6 @@ def run_queue(
     return {n: have[n]["metrics"] for n in runs}
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
 def _mean_sd(xs: Sequence[float], signed: bool = False) -> str:
     """Mean ± standard deviation over seeds, in points (the ± only with two or more)."""
     if not xs:
@@ -212,7 +209,7 @@ def sweep_table(results: Mapping[str, Metrics], variants: Sequence[Variant]) -> 
         nums = [x for x in vals if isinstance(x, float | int)]
         scored.append((sum(nums) / len(nums) if len(nums) == len(vals) else None, v, vals))
     scored.sort(key=lambda t: -1.0 if t[0] is None else t[0], reverse=True)
-    rows = [[v.what, *(_pct(x) for x in vals), _pct(score)] for score, v, vals in scored]
+    rows = [[v.what, *(pct(x) for x in vals), pct(score)] for score, v, vals in scored]
     best = scored[0][1] if scored and scored[0][0] is not None else None
     return table(["settings (val split)", *(h.label for h in PRIMARY), "mean (score)"], rows), best
 
@@ -238,8 +235,8 @@ def seeds_table(base: Metrics, runs: Sequence[Metrics]) -> tuple[str, str]:
         rows.append(
             [
                 h.label,
-                _pct(t),
-                _pct(b),
+                pct(t),
+                pct(b),
                 _mean_sd(control),
                 _mean_sd(kd),
                 _mean_sd(vs_control, True),
@@ -273,7 +270,7 @@ def ablation_table(
     """One row per variant (mean ± sd over its seeds) of student_kd's primary metrics, the committed run's
     teacher, baseline and control first."""
     rows = [
-        [f"({m})", "", *(_pct(base.get(m, {}).get(h.key)) for h in PRIMARY)]
+        [f"({m})", "", *(pct(base.get(m, {}).get(h.key)) for h in PRIMARY)]
         for m in ("teacher", "student_sft", "student_control")
     ]
     for v in variants:
