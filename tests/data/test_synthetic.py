@@ -210,3 +210,22 @@ def test_yes_no_answers_are_balanced():
                     yes.setdefault((name, qt), []).append(a == "yes")
     for key, xs in yes.items():
         assert 0.2 < sum(xs) / len(xs) < 0.8, (key, sum(xs) / len(xs))
+
+
+
+def test_every_vqa_question_type_opens_a_training_conversation():
+    # Evaluation asks each type alone; a type that only ever followed another in training was answered by
+    # its position (the teacher answered "rural or urban?" with a count).
+    starts = {
+        "low_res": ("Is there", "Are there more", "How many", "Is this a rural"),
+        "plain": ("Is there", ("Is the number", "Are there fewer"), "How many objects lie"),
+    }
+    rng = np.random.default_rng(0)
+    for rendering, types in starts.items():
+        firsts = []
+        for i in range(40):
+            sc = synthetic.make_scene(f"v{i}", 0, 64, 4, rendering=rendering)
+            recs = synthetic.train_records(sc, 4, rng)
+            firsts += [r.first_question.removeprefix("<image>\n") for r in recs if r.task == "vqa"]
+        for prefix in types:
+            assert any(q.startswith(prefix) for q in firsts), (rendering, prefix)

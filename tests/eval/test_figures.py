@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from geodistill.eval.figures import losses_figure, pick_examples, plot_confusion_matrix
+from geodistill.eval.figures import _loss_panels, losses_figure, pick_examples, plot_confusion_matrix
 from geodistill.eval.metrics import classification_metrics
 
 
@@ -25,6 +25,12 @@ def test_losses_figure(tmp_path):
     out = losses_figure(curves, tmp_path / "losses.png")
     with Image.open(out) as im:
         assert im.width > im.height  # two panels side by side: loss, student_kd's kl
+
+
+def test_loss_panels_include_the_on_policy_terms_when_logged():
+    kd = {t: ([4, 8], [0.5, 0.4]) for t in ("loss", "kl", "onpolicy_single", "onpolicy_long", "align")}
+    titles = [title for title, _ in _loss_panels({"student_kd": kd})]
+    assert titles[1:] == [f"student_kd: {t}" for t in ("kl", "onpolicy_single", "onpolicy_long", "align")]
 
 
 def test_pick_examples_prefers_one_of_each_kind():

@@ -554,7 +554,11 @@ def train_records(scene: Scene, grid: int, rng: np.random.Generator) -> list[Rec
     """Records of every instruction type of the paper's Table 2 for one training image."""
     q, a, _ = scene_question(scene, rng)
     recs = [_rec(scene, 0, "scene", [(q, a)])]
-    vqa = vqa_questions(scene, grid, rng)
+    # Shuffled so every question type opens a conversation as often as it follows one: evaluation asks each
+    # type alone, and a fixed order taught the teacher to answer the first turn by its position (rural/urban
+    # answered with a count).
+    questions = vqa_questions(scene, grid, rng)
+    vqa = [questions[i] for i in rng.permutation(len(questions))]
     # Two VQA records per image, two questions each: VQA is the most frequent instruction type.
     recs.append(_rec(scene, 0, "vqa", [(f"{q} {VQA_SUFFIX}", a) for _, q, a in vqa[:2]]))
     recs.append(_rec(scene, 1, "vqa", [(f"{q} {VQA_SUFFIX}", a) for _, q, a in vqa[2:]]))

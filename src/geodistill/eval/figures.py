@@ -17,8 +17,9 @@ from geodistill.eval.results import Curve, ModelResults, read_predictions
 from geodistill.eval.tables import join
 from geodistill.files import open_image
 
-DISTILL_TERMS = ("kl", "align", "pt", "ce")
-"""Loss terms student_kd's training logs besides ``loss``; each gets its own panel when present."""
+DISTILL_TERMS = ("kl", "onpolicy_single", "onpolicy_long", "align", "pt", "ce")
+"""Loss terms student_kd's training logs besides ``loss``; each gets its own panel when present (the on-policy
+ones every ``distill.onpolicy.every`` steps)."""
 
 _GT_COLOUR = "#00d000"
 _PRED_COLOUR = "#ff2020"
