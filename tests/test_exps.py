@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 
 import pytest
 import yaml
@@ -76,14 +77,15 @@ def test_seeds_table_says_plainly_when_goal_is_missed():
 class FakeDvc:
     """Records `dvc` calls; `exp show` answers from ``self.exps`` (name -> state) and queueing adds one."""
 
-    def __init__(self, exps_: dict[str, str], flaky_shows: int = 0) -> None:
-        self.exps, self.calls, self.flaky_shows = dict(exps_), [], flaky_shows
+    def __init__(self, exps_: dict[str, str], flaky_shows: Sequence[Exception] = ()) -> None:
+        self.exps, self.calls, self.flaky_shows = dict(exps_), [], list(flaky_shows)
 
-    def __call__(self, *args: str, capture: bool = False) -> str:
+    def __call__(self, *args: str, capture: bool = False, timeout: float | None = None) -> str:
         self.calls.append(args)
+        if args[:2] == ("exp", "show"):
+            assert timeout is not None  # a hung `exp show` must not hang the command
         if args[:2] == ("exp", "show") and ("queue", "start", "-j", "1") in self.calls and self.flaky_shows:
-            self.flaky_shows -= 1  # as while a worker lays out its workspace
-            raise subprocess.CalledProcessError(255, ["dvc", *args])
+            raise self.flaky_shows.pop(0)  # as while a worker lays out its workspace, or a hung read
         if args[:2] == ("exp", "show"):
             rows = [
                 {
@@ -115,7 +117,8 @@ class FakeDvc:
 
 
 def test_run_queue_reuses_done_requeues_failed_and_reports_failures(monkeypatch):
-    fake = FakeDvc({"old": "success", "broken": "failed"}, flaky_shows=2)
+    flaky = [subprocess.CalledProcessError(255, "dvc"), subprocess.TimeoutExpired("dvc", 300)]
+    fake = FakeDvc({"old": "success", "broken": "failed"}, flaky_shows=flaky)
     monkeypatch.setattr(exps, "_dvc", fake)
     got = exps.run_queue(
         {"old": ("a=1",), "broken": ("a=2",), "new": ("a=3",)}, ["evaluate@student_kd"], poll=0

@@ -102,12 +102,19 @@ def grid_variants(grid: Mapping[str, Sequence[str]]) -> list[Variant]:
     return out
 
 
-def _dvc(*args: str, capture: bool = False) -> str:
+SHOW_TIMEOUT_S = 300.0
+"""Limit on one `dvc exp show`: it can hang for good while reading an active experiment's metrics (seen
+once: pygit2's blob stream waiting forever, 17 min at 0 % CPU); a poll that times out is retried like a
+failed one."""
+
+
+def _dvc(*args: str, capture: bool = False, timeout: float | None = None) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         check=True,
         text=True,
         stdout=subprocess.PIPE if capture else None,
+        timeout=timeout,
     )
     return done.stdout if capture else ""
 
@@ -119,7 +126,7 @@ def experiments() -> dict[str, dict[str, Any]]:
     experiment whose executor record is gone.
     """
     out: dict[str, dict[str, Any]] = {}
-    for row in json.loads(_dvc("exp", "show", "--json", capture=True)):
+    for row in json.loads(_dvc("exp", "show", "--json", capture=True, timeout=SHOW_TIMEOUT_S)):
         for exp in row.get("experiments") or []:
             rev = exp["revs"][0]
             executor = exp.get("executor") or {}
@@ -165,8 +172,8 @@ def run_queue(
     while True:
         try:
             have = experiments()
-        except subprocess.CalledProcessError:
-            # `exp show` can fail while a worker is still laying out its temporary workspace.
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            # `exp show` can fail while a worker is still laying out its temporary workspace, or hang.
             misses += 1
             if misses > 5:
                 raise
