@@ -34,6 +34,16 @@ TINY_ARCH = LlavaArch(
 """A 2-layer, 64-wide LLM on a 3-layer 32-wide CLIP tower at 32 px (16 image tokens): builds in ms."""
 
 
+SLOWEST_FIRST = ("test_full_pipeline_and_experiment_reuse", "test_commands_end_to_end_with_dvc_queue")
+"""Started first so that, under `--dist worksteal`, the other worker runs the rest meanwhile: the slow suite
+then takes about as long as its longest test (the pipeline test, ~1/2 of the suite's single-worker time)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_arch() -> Callable[..., LlavaArch]:
     """``tiny_arch(**overrides)``: TINY_ARCH with some fields changed (e.g. a narrower student)."""
