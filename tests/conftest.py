@@ -35,8 +35,8 @@ TINY_ARCH = LlavaArch(
 
 
 SLOWEST_FIRST = ("test_full_pipeline_and_experiment_reuse", "test_commands_end_to_end_with_dvc_queue")
-"""Started first so that, under `--dist worksteal`, the other worker runs the rest meanwhile: the slow suite
-then takes about as long as its longest test (the pipeline test, ~1/2 of the suite's single-worker time)."""
+"""Collected first so that, under `--dist worksteal`, the longest test starts at once and the other worker
+runs the rest meanwhile (the pipeline test is ~1/2 of the slow suite's single-worker time)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
