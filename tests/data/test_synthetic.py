@@ -212,7 +212,6 @@ def test_yes_no_answers_are_balanced():
         assert 0.2 < sum(xs) / len(xs) < 0.8, (key, sum(xs) / len(xs))
 
 
-
 def test_every_vqa_question_type_opens_a_training_conversation():
     # Evaluation asks each type alone; a type that only ever followed another in training was answered by
     # its position (the teacher answered "rural or urban?" with a count).

@@ -559,7 +559,7 @@ def train_records(scene: Scene, grid: int, rng: np.random.Generator) -> list[Rec
     # answered with a count).
     questions = vqa_questions(scene, grid, rng)
     vqa = [questions[i] for i in rng.permutation(len(questions))]
-    # Two VQA records per image, two questions each: VQA is the most frequent instruction type.
+    # Two VQA records per image (LR 2 + 2 questions, HR 2 + 1): VQA is the most frequent instruction type.
     recs.append(_rec(scene, 0, "vqa", [(f"{q} {VQA_SUFFIX}", a) for _, q, a in vqa[:2]]))
     recs.append(_rec(scene, 1, "vqa", [(f"{q} {VQA_SUFFIX}", a) for _, q, a in vqa[2:]]))
     recs.append(_chat_record(scene, rng, grid))
