@@ -132,6 +132,10 @@ class LlavaArch:
     """Longest sequence, image tokens included."""
     projector: str = "mlp2x_gelu"
     """Projector type (LLaVA-1.5's linear-GELU-linear)."""
+    vision_positions: Literal["clip", "sincos"] = "clip"
+    """How a *built* tower's patch position embeddings start: clip (CLIP's init, std 0.02) or sincos
+    (a 2-D sine-cosine table as strong as a patch's content; models.llava.init_patch_positions).
+    Ignored for checkpoints, which bring their own."""
 
     @property
     def num_image_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from geodistill.models.llava import (
     merge_lora,
     num_image_tokens,
     projector_features,
+    sincos_2d,
     unwrap,
 )
 from geodistill.models.tokenizer import build_tokenizer, image_token_id
@@ -75,6 +78,36 @@ def test_seeded_build_is_deterministic_and_leaves_global_rng(tok, teacher, arch)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert weights_hash(again) == weights_hash(teacher)
     assert weights_hash(build_llava(arch, tok, seed=1)) != weights_hash(teacher)
+
+
+def test_sincos_table_separates_every_patch_position():
+    table = sincos_2d(4, 64)  # (16, 64)
+    assert table.shape == (16, 64)
+    assert torch.allclose(table.mean(dim=0), torch.zeros(64), atol=1e-6)  # no constant offset
+    # Row-major patch order: rows 0 and 1 are horizontal neighbours, rows 0 and 4 vertical ones.
+    dist = torch.cdist(table, table) + torch.eye(16) * 1e9
+    assert dist.min() > 0.1
+    assert torch.allclose(torch.dist(table[0], table[1]), torch.dist(table[0], table[4]))
+    with pytest.raises(ModelError, match="divisible by 4"):
+        sincos_2d(4, 30)
+
+
+def test_sincos_positions_make_a_built_tower_know_where_its_patches_are(tok, teacher, arch):
+    sincos = build_llava(dataclasses.replace(arch, vision_positions="sincos"), tok, seed=0)
+    emb = sincos.model.vision_tower.embeddings
+    positions = emb.position_embedding.weight.detach()[1:]  # CLS row excluded
+    expected = sincos_2d(arch.image_size // arch.patch_size, positions.shape[1])
+    cosine = torch.nn.functional.cosine_similarity(positions.flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.9999
+    # As strong as a patch's content; CLIP's own init (the default) is ~25x weaker.
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    content = emb.patch_embedding(pixels).flatten(2).transpose(1, 2).pow(2).mean().sqrt()
+    assert 0.5 < positions.pow(2).mean().sqrt() / content < 2.0
+    clip = teacher.model.vision_tower.embeddings.position_embedding.weight.detach()[1:]
+    assert clip.pow(2).mean().sqrt() < content / 10
+    # Everything else is the same seeded init.
+    for (name, a), (_, b) in zip(sincos.named_parameters(), teacher.named_parameters(), strict=True):
+        assert torch.equal(a, b) or "vision_tower.embeddings.position_embedding" in name, name
 
 
 def test_invalid_arch_is_refused(tok, tiny_arch):

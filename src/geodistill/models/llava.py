@@ -34,6 +34,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     PreTrainedTokenizerBase,
 )
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 from geodistill.config import LlavaArch
 from geodistill.errors import ModelError
@@ -109,8 +110,51 @@ def build_llava(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
+    if arch.vision_positions == "sincos":
+        init_patch_positions(model)
     set_generation_ids(model, tokenizer)
     return model
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) 2-D sine-cosine table (MAE's), rows in patch order (row-major), centred over
+    the positions so that no dimension carries a constant offset."""
+    if dim % 4:
+        raise ModelError(f"a 2-D sine-cosine position table needs a hidden size divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")  # fmt: skip
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.flatten()[:, None] * omega[None]  # (P, dim / 4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(ys), encode(xs)], dim=1)  # (P, dim)
+    return (table - table.mean(dim=0)).float()
+
+
+def init_patch_positions(model: nn.Module) -> None:
+    """Start a built tower's patch position embeddings from a 2-D sine-cosine table as strong as a
+    patch's content (the CLS row stays as initialised): ``arch.vision_positions = "sincos"``.
+
+    CLIP initialises position embeddings with std 0.02, about 1/25 of what a patch's content
+    contributes at init, and training from scratch barely grows them (rms 0.0245 after 200 embedded
+    teacher steps): a linear probe then cannot tell which patch an image token is
+    (``python -m geodistill.bench.grounding``), so no language model on top can ground. GeoChat's
+    pretrained CLIP knows where its patches are; this table stands in for that (docs/design.md).
+    """
+    for module in unwrap(model).modules():
+        if isinstance(module, CLIPVisionEmbeddings):
+            cfg = module.config
+            grid = cfg.image_size // cfg.patch_size
+            # Expected rms of a patch embedding at init: std * sqrt(fan_in), for unit-variance pixels.
+            fan_in = cfg.num_channels * cfg.patch_size**2
+            content_rms = cfg.initializer_range * cfg.initializer_factor * fan_in**0.5
+            table = sincos_2d(grid, cfg.hidden_size)
+            table *= content_rms / table.pow(2).mean().sqrt()
+            with torch.no_grad():
+                module.position_embedding.weight[1:] = table
 
 
 def set_generation_ids(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase) -> None:
