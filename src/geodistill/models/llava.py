@@ -139,10 +139,10 @@ def init_patch_positions(model: nn.Module) -> None:
     patch's content (the CLS row stays as initialised): ``arch.vision_positions = "sincos"``.
 
     CLIP initialises position embeddings with std 0.02, about 1/25 of what a patch's content
-    contributes at init, and training from scratch barely grows them (rms 0.0245 after 200 embedded
-    teacher steps): a linear probe then cannot tell which patch an image token is
-    (``python -m geodistill.bench.grounding``), so no language model on top can ground. GeoChat's
-    pretrained CLIP knows where its patches are; this table stands in for that (docs/design.md).
+    contributes at init, and training from scratch barely grows them: a linear probe then cannot tell
+    which patch an image token is (``python -m geodistill.bench.grounding``), so no language model on
+    top can ground. GeoChat's pretrained CLIP knows where its patches are; this table stands in for
+    that (docs/design.md).
     """
     for module in unwrap(model).modules():
         if isinstance(module, CLIPVisionEmbeddings):
