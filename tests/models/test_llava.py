@@ -23,6 +23,7 @@ from geodistill.models.llava import (
     projector_features,
     sincos_2d,
     unwrap,
+    vision_embeddings,
 )
 from geodistill.models.tokenizer import build_tokenizer, image_token_id
 from geodistill.models.transform import ImageTransform
@@ -94,7 +95,7 @@ def test_sincos_table_separates_every_patch_position():
 
 def test_sincos_positions_make_a_built_tower_know_where_its_patches_are(tok, teacher, arch):
     sincos = build_llava(dataclasses.replace(arch, vision_positions="sincos"), tok, seed=0)
-    emb = sincos.model.vision_tower.embeddings
+    emb = vision_embeddings(sincos)
     positions = emb.position_embedding.weight.detach()[1:]  # CLS row excluded
     expected = sincos_2d(arch.image_size // arch.patch_size, positions.shape[1])
     cosine = torch.nn.functional.cosine_similarity(positions.flatten(), expected.flatten(), dim=0)
@@ -103,7 +104,7 @@ def test_sincos_positions_make_a_built_tower_know_where_its_patches_are(tok, tea
     pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     content = emb.patch_embedding(pixels).flatten(2).transpose(1, 2).pow(2).mean().sqrt()
     assert 0.5 < positions.pow(2).mean().sqrt() / content < 2.0
-    clip = teacher.model.vision_tower.embeddings.position_embedding.weight.detach()[1:]
+    clip = vision_embeddings(teacher).position_embedding.weight.detach()[1:]
     assert clip.pow(2).mean().sqrt() < content / 10
     # Everything else is the same seeded init.
     for (name, a), (_, b) in zip(sincos.named_parameters(), teacher.named_parameters(), strict=True):

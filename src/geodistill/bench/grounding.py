@@ -34,13 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
-from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 from geodistill.data import synthetic
 from geodistill.data.collate import IGNORE, Example, collate, iter_examples
 from geodistill.markdown import table
 from geodistill.models.checkpoints import load_for_inference
-from geodistill.models.llava import num_image_tokens, projector_features, unwrap
+from geodistill.models.llava import num_image_tokens, projector_features, vision_embeddings
 
 RELIANCE_TASKS = {"referring": "position", "grounding_description": "position", "region_caption": "all"}
 """Task -> which answer tokens are scored: those with a digit (box coordinates) or all of them."""
@@ -56,28 +55,30 @@ def patch_labels(scene: synthetic.Scene, grid: int) -> np.ndarray:
     return lab.reshape(-1)
 
 
-def _probe_data(
-    model: torch.nn.Module, transform: Transform, ids: Sequence[str], seed: int, size: int, grid: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features (N * P, H), colour labels (N * P,), patch indices (N * P,)) of scenes ``ids``."""
+def _scenes(
+    transform: Transform, ids: Sequence[str], seed: int, size: int, grid: int
+) -> tuple[list[synthetic.Scene], torch.Tensor]:
+    """Scenes ``ids`` of the generator (training rendering) and their pixels (N, 3, H, W)."""
     scenes = [synthetic.make_scene(image_id, seed, size, grid) for image_id in ids]
-    pixels = torch.stack([transform(Image.open(io.BytesIO(s.image_png))) for s in scenes])
+    return scenes, torch.stack([transform(Image.open(io.BytesIO(s.image_png))) for s in scenes])
+
+
+def _probe_data(
+    model: torch.nn.Module, scenes: Sequence[synthetic.Scene], pixels: torch.Tensor, grid: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features (N * P, H), colour labels (N * P,), patch indices (N * P,)) of ``scenes``."""
     with torch.no_grad():
         feats = torch.cat(
             [projector_features(model, chunk).float() for chunk in pixels.split(64)]
         )  # (N, P, H)
     colours = torch.from_numpy(np.concatenate([patch_labels(s, grid) for s in scenes]))
-    return feats.flatten(0, 1), colours, torch.arange(grid * grid).repeat(len(ids))
+    return feats.flatten(0, 1), colours, torch.arange(grid * grid).repeat(len(scenes))
 
 
-def position_to_content(
-    model: torch.nn.Module, transform: Transform, ids: Sequence[str], seed: int, size: int, grid: int
-) -> float:
-    """rms of the tower's patch position embeddings over rms of its patch embeddings of scenes ``ids``:
+def position_to_content(model: torch.nn.Module, pixels: torch.Tensor) -> float:
+    """rms of the tower's patch position embeddings over rms of its patch embeddings of ``pixels``:
     how loudly the tower's input says where a patch is, against what is in it."""
-    emb = next(m for m in unwrap(model).modules() if isinstance(m, CLIPVisionEmbeddings))
-    scenes = [synthetic.make_scene(image_id, seed, size, grid) for image_id in ids]
-    pixels = torch.stack([transform(Image.open(io.BytesIO(s.image_png))) for s in scenes])
+    emb = vision_embeddings(model)
     with torch.no_grad():
         content = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype)).float()
         positions = emb.position_embedding.weight[1:].float()
@@ -108,11 +109,13 @@ def probes(
     """(a): colour-at-patch and patch-index probe accuracies, with their trivial baselines."""
     vision = model.config.vision_config
     size, grid = vision.image_size, vision.image_size // vision.patch_size
-    xf, cf, pf = _probe_data(model, transform, [f"probe{i:06d}" for i in range(n_fit)], seed, size, grid)
-    ids = [f"probe{i:06d}" for i in range(n_fit, n_fit + n_test)]
-    xt, ct, pt = _probe_data(model, transform, ids, seed, size, grid)
+    fit_scenes, fit_pixels = _scenes(transform, [f"probe{i:06d}" for i in range(n_fit)], seed, size, grid)
+    test_ids = [f"probe{i:06d}" for i in range(n_fit, n_fit + n_test)]
+    test_scenes, test_pixels = _scenes(transform, test_ids, seed, size, grid)
+    xf, cf, pf = _probe_data(model, fit_scenes, fit_pixels, grid)
+    xt, ct, pt = _probe_data(model, test_scenes, test_pixels, grid)
     return {
-        "position_to_content_rms": position_to_content(model, transform, ids[:64], seed, size, grid),
+        "position_to_content_rms": position_to_content(model, test_pixels[:64]),
         "colour_probe": probe_accuracy(xf, cf, xt, ct, len(COLOURS)),
         "colour_majority": (ct == cf.mode().values).float().mean().item(),
         "patch_probe": probe_accuracy(xf, pf, xt, pt, grid * grid),

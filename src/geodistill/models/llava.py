@@ -144,17 +144,24 @@ def init_patch_positions(model: nn.Module) -> None:
     top can ground. GeoChat's pretrained CLIP knows where its patches are; this table stands in for
     that (docs/design.md).
     """
+    emb = vision_embeddings(model)
+    cfg = emb.config
+    grid = cfg.image_size // cfg.patch_size
+    # Expected rms of a patch embedding at init: std * sqrt(fan_in), for unit-variance pixels.
+    fan_in = cfg.num_channels * cfg.patch_size**2
+    content_rms = cfg.initializer_range * cfg.initializer_factor * fan_in**0.5
+    table = sincos_2d(grid, cfg.hidden_size)
+    table *= content_rms / table.pow(2).mean().sqrt()
+    with torch.no_grad():
+        emb.position_embedding.weight[1:] = table
+
+
+def vision_embeddings(model: nn.Module) -> CLIPVisionEmbeddings:
+    """The CLIP tower's input layer (patch and position embeddings) of a LLaVA, wrapped or not."""
     for module in unwrap(model).modules():
         if isinstance(module, CLIPVisionEmbeddings):
-            cfg = module.config
-            grid = cfg.image_size // cfg.patch_size
-            # Expected rms of a patch embedding at init: std * sqrt(fan_in), for unit-variance pixels.
-            fan_in = cfg.num_channels * cfg.patch_size**2
-            content_rms = cfg.initializer_range * cfg.initializer_factor * fan_in**0.5
-            table = sincos_2d(grid, cfg.hidden_size)
-            table *= content_rms / table.pow(2).mean().sqrt()
-            with torch.no_grad():
-                module.position_embedding.weight[1:] = table
+            return module
+    raise ModelError(f"{type(unwrap(model)).__name__} has no CLIP vision embeddings")
 
 
 def set_generation_ids(model: LlavaForConditionalGeneration, tok: PreTrainedTokenizerBase) -> None:
