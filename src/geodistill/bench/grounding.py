@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +151,22 @@ def reliance(
             "tokens": total}  # fmt: skip
 
 
+def first_records(shard_dir: Path, tasks: Iterable[str], n: int) -> dict[str, list[Example]]:
+    """The first ``n`` records of each of ``tasks`` in ``shard_dir`` (an empty list for a task with none);
+    stops reading once every task has ``n``."""
+    out: dict[str, list[Example]] = {t: [] for t in tasks}
+    for ex in iter_examples(shard_dir):
+        if ex.record.task in out and len(out[ex.record.task]) < n:
+            out[ex.record.task].append(ex)
+            if all(len(exs) == n for exs in out.values()):
+                break
+    return out
+
+
 def measure(model_dir: Path, shards: Path, n_records: int, n_fit: int, n_test: int, seed: int) -> dict:
     """(a) and (b) for one model folder; the first ``n_records`` records of each task in ``shards``."""
     model, tok, transform = load_for_inference(model_dir, device="cpu", dtype=torch.float32)[:3]
-    by_task: dict[str, list[Example]] = defaultdict(list)
-    for ex in iter_examples(shards):
-        if ex.record.task in RELIANCE_TASKS and len(by_task[ex.record.task]) < n_records:
-            by_task[ex.record.task].append(ex)
+    by_task = first_records(shards, RELIANCE_TASKS, n_records)
     return {
         "probes": probes(model, transform, n_fit, n_test, seed),
         "reliance": {

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from geodistill.bench.grounding import RELIANCE_TASKS, reliance
+from geodistill.bench.grounding import RELIANCE_TASKS, first_records, reliance
 from geodistill.config import LlavaArch, TrainConfig, load_section
-from geodistill.data.collate import Example, iter_examples, shuffled_batches
+from geodistill.data.collate import Example, shuffled_batches
 from geodistill.distill.sft import Collator, sft_step
 from geodistill.distill.train import run_loop
 from geodistill.markdown import table
@@ -48,12 +48,9 @@ def task_batches(shard_dir: Path, tasks: set[str], batch_size: int, seed: int) -
             buf = buf[batch_size:]
 
 
-def first_records(shard_dir: Path, tasks: Sequence[str], n: int) -> dict[str, list[Example]]:
-    """The first ``n`` records of each task in ``shard_dir`` (a task with none is an error)."""
-    out: dict[str, list[Example]] = {t: [] for t in tasks}
-    for ex in iter_examples(shard_dir):
-        if ex.record.task in out and len(out[ex.record.task]) < n:
-            out[ex.record.task].append(ex)
+def require_records(shard_dir: Path, tasks: Sequence[str], n: int) -> dict[str, list[Example]]:
+    """:func:`first_records`, with a task that has none an error."""
+    out = first_records(shard_dir, tasks, n)
     if missing := [t for t, exs in out.items() if not exs]:
         raise SystemExit(
             f"{shard_dir}: no records of task(s) {', '.join(missing)}; check --tasks and --shards"
@@ -62,37 +59,25 @@ def first_records(shard_dir: Path, tasks: Sequence[str], n: int) -> dict[str, li
 
 
 def learn(
-    arch: LlavaArch,
-    train: TrainConfig,
-    tok: Any,
-    shards: Path,
-    tasks: Sequence[str],
-    every: int,
-    n_records: int,
+    arch: LlavaArch, train: TrainConfig, tok: Any, shards: Path, tasks: Sequence[str], n_records: int
 ) -> list[dict[str, Any]]:
     """Train as the module docstring says; one row per (checkpoint step, task)."""
     model = build_llava(arch, tok, seed=0)
     transform = ImageTransform(arch.image_size)
     collator = Collator(tok, transform, num_image_tokens(model), train.max_len)
-    val = first_records(shards / "val", tasks, n_records)
-    first_records(shards / "train", tasks, 1)  # fail before training, not in an endless filter
+    val = require_records(shards / "val", tasks, n_records)
+    require_records(shards / "train", tasks, 1)  # fail before training, not in an endless filter
     rows: list[dict[str, Any]] = []
 
-    def score(step: int) -> None:
+    def score(step: int, row: dict[str, float]) -> None:
+        """run_loop's logger: called every ``train.log_every`` steps (``--every``) and at the last."""
         model.eval()
         for task, exs in val.items():
             r = reliance(model, tok, transform, exs, RELIANCE_TASKS.get(task, "all"), train.batch_size)
-            rows.append({"step": step, "task": task, **r})
+            rows.append({"step": step, "task": task, "train_loss": row["loss"], **r})
             true, rolled = 100 * r["true_image"], 100 * r["rolled_image"]
             print(f"step {step} {task}: true image {true:.1f} %, rolled {rolled:.1f} %", flush=True)
         model.train()
-
-    losses: dict[int, float] = {}
-
-    def log(step: int, row: dict[str, float]) -> None:
-        losses[step] = row["loss"]
-        if step % every == 0 or step == train.steps:
-            score(step)
 
     torch.manual_seed(train.seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,11 +87,9 @@ def learn(
             lambda examples, _step: sft_step(model, collator(examples)),
             train,
             Path(tmp),
-            logger=log,
+            logger=score,
             resume=False,
         )
-    for row in rows:
-        row["train_loss"] = losses.get(row["step"])
     return rows
 
 
@@ -134,9 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     over |= {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     train_cfg = dataclasses.replace(train_cfg, **over)
     tasks = [t for t in args.tasks.split(",") if t]
-    rows = learn(
-        arch, train_cfg, load_tokenizer(args.tokenizer), args.shards, tasks, args.every, args.records
-    )
+    rows = learn(arch, train_cfg, load_tokenizer(args.tokenizer), args.shards, tasks, args.records)
     settings = {"model": args.model, "tasks": tasks, "arch": dataclasses.asdict(arch),
                 "train": dataclasses.asdict(train_cfg)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             str(r["step"]),
             r["task"],
-            f"{r['train_loss']:.3f}" if r["train_loss"] is not None else "",
+            f"{r['train_loss']:.3f}",
             f"{100 * r['true_image']:.1f}",
             f"{100 * r['rolled_image']:.1f}",
             f"{100 * (r['true_image'] - r['rolled_image']):+.1f}",
