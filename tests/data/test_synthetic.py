@@ -228,3 +228,17 @@ def test_every_vqa_question_type_opens_a_training_conversation():
             firsts += [r.first_question.removeprefix("<image>\n") for r in recs if r.task == "vqa"]
         for prefix in types:
             assert any(q.startswith(prefix) for q in firsts), (rendering, prefix)
+
+
+def test_one_object_scene_is_deterministic_and_draws_its_object_in_its_cell():
+    cells = set()
+    for i in range(40):
+        sc = synthetic.one_object_scene(f"o{i}", 0, 64, 4)
+        assert sc == synthetic.one_object_scene(f"o{i}", 0, 64, 4)
+        (o,) = sc.objects
+        assert (o.rows, o.cols) == (1, 1) and not o.box(4).problems()
+        arr = np.asarray(Image.open(io.BytesIO(sc.image_png)).convert("RGB")).astype(int)
+        hits = np.argwhere(np.abs(arr - np.array(synthetic.COLOURS[o.colour])).sum(-1) == 0)
+        assert len(hits) and {(r // 16, c // 16) for r, c in hits} == {(o.row, o.col)}
+        cells.add((o.row, o.col))
+    assert len(cells) >= 10  # the cell varies over scenes

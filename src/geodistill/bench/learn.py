@@ -58,6 +58,16 @@ def require_records(shard_dir: Path, tasks: Sequence[str], n: int) -> dict[str, 
     return out
 
 
+def fresh_model(model: str, params: Path, positions: str | None) -> tuple[LlavaArch, TrainConfig]:
+    """The arch of ``model`` (teacher or student, ``positions`` overriding ``vision_positions``) and the
+    train settings it is trained with from scratch (``teacher.train``; the student's ``sft.train``)."""
+    section = load_section(model, params)
+    arch = section.arch
+    if positions is not None:
+        arch = dataclasses.replace(arch, vision_positions=positions)
+    return arch, section.train if model == "teacher" else load_section("sft", params).train
+
+
 def learn(
     arch: LlavaArch, train: TrainConfig, tok: Any, shards: Path, tasks: Sequence[str], n_records: int
 ) -> list[dict[str, Any]]:
@@ -108,11 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--out", type=Path, default=Path("reports/learn.json"))
     args = ap.parse_args(argv)
-    section = load_section(args.model, args.params)
-    arch = section.arch
-    if args.positions is not None:
-        arch = dataclasses.replace(arch, vision_positions=args.positions)
-    train_cfg = section.train if args.model == "teacher" else load_section("sft", args.params).train
+    arch, train_cfg = fresh_model(args.model, args.params, args.positions)
     over = {"steps": args.steps, "checkpoint_every": 0, "log_every": args.every}
     over |= {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     train_cfg = dataclasses.replace(train_cfg, **over)

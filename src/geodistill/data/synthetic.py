@@ -295,6 +295,12 @@ def train_rendering(image_id: str, seed: int) -> str:
     return "low_res" if np.random.default_rng(_key(seed, image_id, 101)).random() < LOW_RES_SHARE else "plain"
 
 
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
 def make_scene(
     image_id: str,
     seed: int,
@@ -320,9 +326,21 @@ def make_scene(
     # The sensor's noise has its own stream: every rendering of a content_id shows the same ground.
     sensor = np.random.default_rng(_key(seed, content_id, 1 + RENDERINGS.index(rendering)))
     img = _render(img, rendering, sensor)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG", optimize=False)
-    return Scene(image_id, scene, tuple(objects), buf.getvalue(), image_size, rendering)
+    return Scene(image_id, scene, tuple(objects), _png(img), image_size, rendering)
+
+
+def one_object_scene(image_id: str, seed: int, image_size: int, grid: int) -> Scene:
+    """A scene with exactly one one-cell object (random category, colour and cell) on a random land cover,
+    plain rendering: the simplest "where is it?" question (``geodistill.bench.locate``)."""
+    rng = np.random.default_rng(_key(seed, image_id, 202))
+    scene = SCENES[int(rng.integers(len(SCENES)))]
+    img = _texture(scene, image_size, rng)
+    category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    row, col = (int(v) for v in rng.integers(grid, size=2))
+    obj = SceneObject(category, colour, "small", row, col, 1, 1, 0)
+    _draw(img, obj, image_size // grid)
+    return Scene(image_id, scene, (obj,), _png(img), image_size)
 
 
 # ----------------------------------------------------------------------------------------------- records
