@@ -1,7 +1,8 @@
 """Where is the one object? Can a fresh tower + projector, under four readouts, learn it? Minutes.
 
-    python -m geodistill.bench.locate [--model teacher] [--positions sincos] [--steps 500] [--every 100]
-        [--lr LR] [--batch-size 16] [--images 3000 256] [--freeze-tower] [--tokenizer models/tokenizer]
+    python -m geodistill.bench.locate [--model teacher] [--positions sincos] [--readouts patch,own_token,...]
+        [--steps 500] [--every 100] [--lr LR] [--batch-size 16] [--images 3000 256] [--freeze-tower]
+        [--tokenizer models/tokenizer]
         [--params params.yaml] [--out reports/locate.json]
 
 `bench.learn` shows that a fresh LLaVA does not learn to read boxes off the image. This asks why, without
