@@ -136,6 +136,10 @@ class LlavaArch:
     """How a *built* tower's patch position embeddings start: clip (CLIP's init, std 0.02) or sincos
     (a 2-D sine-cosine table as strong as a patch's content; models.llava.init_patch_positions).
     Ignored for checkpoints, which bring their own."""
+    init_std: float = 0.02
+    """Std of a *built* language model's weight init (transformers' ``initializer_range``; Llama's 0.02).
+    Ignored for checkpoints. From scratch, grounding is learnt only with a larger init and a lower lr
+    (docs/design.md, "The embedded experiment")."""
 
     @property
     def num_image_tokens(self) -> int:
@@ -153,6 +157,8 @@ class LlavaArch:
             out.append(f"projector {self.projector!r} is not supported; use 'mlp2x_gelu'")
         if self.max_position_embeddings <= self.num_image_tokens:
             out.append("max_position_embeddings must exceed the number of image tokens")
+        if not self.init_std > 0:
+            out.append(f"init_std must be > 0, got {self.init_std}")
         return out
 
 
@@ -264,8 +270,12 @@ _TEACHER_ARCH = functools.partial(
     image_size=64,
     patch_size=16,
     max_position_embeddings=512,
+    vision_positions="sincos",
+    init_std=0.0625,
 )
-_STUDENT_ARCH = functools.partial(_TEACHER_ARCH, hidden_size=96, intermediate_size=192, num_layers=2)
+_STUDENT_ARCH = functools.partial(
+    _TEACHER_ARCH, hidden_size=96, intermediate_size=192, num_layers=2, init_std=0.1
+)
 
 
 @dataclass(frozen=True)
@@ -278,7 +288,7 @@ class TeacherConfig:
     """Architecture when training here."""
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=400, lr=2e-3, warmup=30, log_every=25, checkpoint_every=100
+            TrainConfig, steps=1000, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100
         )
     )
     """SFT settings when training here (the longest stage: resumable every 100 steps)."""
@@ -347,7 +357,7 @@ class StudentConfig:
 class SftConfig:
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=300, lr=2e-3, warmup=30, log_every=25, checkpoint_every=100
+            TrainConfig, steps=300, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100
         )
     )
     """SFT of the baseline student on ground truth."""
@@ -431,7 +441,7 @@ class DistillConfig:
     """DeepSpeed ZeRO."""
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=150, lr=1e-3, warmup=10, log_every=10, checkpoint_every=50
+            TrainConfig, steps=150, lr=5e-4, warmup=10, log_every=10, checkpoint_every=50
         )
     )
     """Loop settings (the equal-compute control uses the same steps and batch size)."""

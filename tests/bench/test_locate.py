@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from geodistill.bench.locate import READOUTS, Readout, main, scenes
+from geodistill.bench.locate import LLM, READOUTS, Readout, main, referring_examples, scenes
 from geodistill.models.tokenizer import build_tokenizer, save_tokenizer
 
 
@@ -17,6 +18,15 @@ def test_scenes_label_each_image_with_its_objects_cell():
     again, cells_again = scenes(5, "t", 32, 4)
     assert pixels.shape == (5, 3, 32, 32) and torch.equal(pixels, again) and torch.equal(cells, cells_again)
     assert ((cells >= 0) & (cells < 16)).all()
+
+
+def test_referring_examples_ask_for_the_one_objects_box():
+    _, cells = scenes(5, "t", 32, 4)
+    for ex, cell in zip(referring_examples(5, "t", 32, 4), cells.tolist(), strict=True):
+        assert ex.record.task == "referring"
+        assert ex.record.first_question.startswith("<image>\n[refer] <p>the ")
+        x1, y1 = (int(v) for v in re.findall(r"<(\d+)>", ex.record.answers[0])[:2])
+        assert (y1 // 25, x1 // 25) == divmod(cell, 4)  # the box starts in the object's cell (25 units each)
 
 
 @pytest.mark.parametrize("kind", READOUTS)
@@ -48,11 +58,13 @@ def test_command_trains_every_readout_and_scores_it(tmp_path: Path, tiny_arch, c
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"teacher": {"arch": arch, "train": train}}))
     out = tmp_path / "locate.json"
     main(["--steps", "3", "--every", "2", "--batch-size", "4", "--images", "8", "4", "--positions", "sincos",
+          "--readouts", ",".join((*READOUTS, LLM)),
           "--tokenizer", str(tmp_path / "tok"), "--params", str(tmp_path / "params.yaml"),
           "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
     assert result["settings"]["lr"] == 0.01 and result["settings"]["arch"]["vision_positions"] == "sincos"
     assert result["chance"] == 1 / 16
-    assert [(r["readout"], r["step"]) for r in result["rows"]] == [(k, s) for k in READOUTS for s in (2, 3)]
+    expected = [(k, s) for k in (*READOUTS, LLM) for s in (2, 3)]
+    assert [(r["readout"], r["step"]) for r in result["rows"]] == expected
     assert all(0 <= r["val_acc"] <= 1 and r["train_loss"] > 0 for r in result["rows"])
     assert "held-out accuracy %" in capsys.readouterr().out

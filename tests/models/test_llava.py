@@ -111,11 +111,26 @@ def test_sincos_positions_make_a_built_tower_know_where_its_patches_are(tok, tea
         assert torch.equal(a, b) or "vision_tower.embeddings.position_embedding" in name, name
 
 
+def test_init_std_sets_the_language_model_and_projector_init_only(tok, teacher, arch):
+    wide = build_llava(dataclasses.replace(arch, init_std=0.1), tok, seed=0)
+    for name in (
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "lm_head.weight",
+        "model.language_model.embed_tokens.weight",
+        "model.multi_modal_projector.linear_1.weight",
+    ):
+        w, w0 = wide.get_parameter(name), teacher.get_parameter(name)
+        assert abs(w.std().item() - 0.1) < 0.01, name
+        assert abs(w0.std().item() - 0.02) < 0.002, name  # Llama's default
+    tower = "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(wide.get_parameter(tower), teacher.get_parameter(tower))
+
+
 def test_invalid_arch_is_refused(tok, tiny_arch):
-    bad = tiny_arch(image_size=30, num_heads=5)
+    bad = tiny_arch(image_size=30, num_heads=5, init_std=0.0)
     with pytest.raises(ModelError, match="image_size must be a multiple") as err:
         build_llava(bad, tok, seed=0)
-    assert "num_heads" in str(err.value)  # every problem at once
+    assert "num_heads" in str(err.value) and "init_std" in str(err.value)  # every problem at once
 
 
 def test_forward_with_image_tokens_and_projector_features(tok, teacher, arch):

@@ -9,8 +9,8 @@ the shortened settings given, evaluates both on the **validation** split (never 
 check of the benchmark, made before any number is reported) and prints, per task (mean over its sets)
 and per set, teacher - student_sft with the report's noise band (two standard errors,
 :func:`geodistill.eval.compare.noise_band`). A task the teacher does not win beyond that band is a
-benchmark to fix (issue 10). Time: the shortened default is ~1/2 of the pipeline's teacher and baseline
-training, plus two evaluations of the validation sets.
+benchmark to fix (issue 10). Time: the shortened default is 1/5 of the pipeline's teacher and 1/2 of its
+baseline training, plus two evaluations of the validation sets.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Where is the one object? Can a fresh tower + projector, under four readouts, learn it? Minutes.
+"""Where is the one object? Can a fresh tower + projector, under four readouts, or a whole LLaVA learn it?
 
-    python -m geodistill.bench.locate [--model teacher] [--positions sincos] [--readouts patch,own_token,...]
+    python -m geodistill.bench.locate [--model teacher] [--positions sincos] [--readouts patch,...,llm]
         [--steps 500] [--every 100] [--lr LR] [--batch-size 16] [--images 3000 256] [--freeze-tower]
         [--tokenizer models/tokenizer]
         [--params params.yaml] [--out reports/locate.json]
@@ -15,13 +15,18 @@ build, and scored on held-out scenes:
 - ``own_token``: a linear map of the object's own image token (the right token is given);
 - ``attention``: a learned query attends over the image tokens, a linear map of the mix names the cell
   (what a language model's attention head has to learn to ground);
-- ``mean``: a linear map of the mean image token.
+- ``mean``: a linear map of the mean image token;
+- ``llm``: the whole LLaVA (its init std ``arch.init_std``) answers ``[refer] <p>the storage tank</p>``
+  with the object's box, trained with the pipeline's collator and SFT loss; scored as the share of
+  held-out records whose box tokens are all right (argmax, teacher-forced; chance ~ 1/grid^2).
 
 ``patch`` asks whether a token knows it holds the object, ``own_token`` whether it knows where it is; if both
 learn and ``attention`` does not, the two must be learnt *together*: with near-uniform attention the mix of
 (content + position) tokens carries no linear trace of the object's position (the positions sum to a
 constant), so neither the query nor the head gets a signal from the other. That is a saddle, and it is
-what a grounding benchmark has to get a model past.
+what a grounding benchmark has to get a model past. ``llm`` shows what gets a language model past it: a
+lower lr (and an init std of 1/sqrt(hidden)) with sincos positions (docs/design.md, "The embedded
+experiment").
 """
 
 from __future__ import annotations
@@ -41,12 +46,16 @@ from torch import nn
 from geodistill.bench.learn import fresh_model
 from geodistill.config import LlavaArch
 from geodistill.data import synthetic
+from geodistill.data.collate import IGNORE, Batch, Example
+from geodistill.distill.sft import Collator, forward, sft_step
 from geodistill.markdown import table
-from geodistill.models.llava import build_llava, projector_features
+from geodistill.models.llava import build_llava, num_image_tokens, projector_features
 from geodistill.models.tokenizer import load_tokenizer
 from geodistill.models.transform import ImageTransform
 
 READOUTS = ("patch", "own_token", "attention", "mean")
+"""The tower readouts; ``llm`` (the whole model) is trained by :func:`train_llm`."""
+LLM = "llm"
 
 
 class Readout(nn.Module):
@@ -83,6 +92,49 @@ def scenes(n: int, prefix: str, size: int, grid: int) -> tuple[torch.Tensor, tor
         pixels.append(transform(Image.open(io.BytesIO(s.image_png))))
         cells.append(s.objects[0].row * grid + s.objects[0].col)
     return torch.stack(pixels), torch.tensor(cells)
+
+
+def referring_examples(n: int, prefix: str, size: int, grid: int) -> list[Example]:
+    """The scenes of :func:`scenes` as GeoChat referring records: "the <category>" -> the object's box."""
+    out = []
+    for i in range(n):
+        s = synthetic.one_object_scene(f"{prefix}{i}", 0, size, grid)
+        out.append(Example(synthetic.one_object_referring(s, grid), s.image_png))
+    return out
+
+
+def train_llm(
+    arch: LlavaArch, tok: Any, train: list[Example], held_out: list[Example], steps: int, every: int,
+    lr: float, batch_size: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Train a fresh LLaVA on one-object referring records; rows as :func:`train_readout`'s."""
+    model = build_llava(arch, tok, seed=0)
+    collator = Collator(tok, ImageTransform(arch.image_size), num_image_tokens(model), 256)
+    held_out_batch = collator(held_out)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    order = np.random.default_rng(0)
+    rows = []
+    for step in range(1, steps + 1):
+        picked = order.choice(len(train), batch_size, replace=False)
+        loss = sft_step(model, collator([train[i] for i in picked]))
+        opt.zero_grad()
+        loss["loss"].backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            acc = box_accuracy(model, held_out_batch)
+            rows.append({"readout": LLM, "step": step, "train_loss": loss["ce"].item(), "val_acc": acc})
+            print(f"{LLM} step {step}: loss {loss['ce'].item():.3f}, held-out {100 * acc:.1f} %", flush=True)
+    return rows
+
+
+@torch.no_grad()
+def box_accuracy(model: nn.Module, batch: Batch) -> float:
+    """Share of records whose every answer token is the model's argmax given the tokens before it."""
+    model.eval()
+    predicted = forward(model, batch)[:, :-1].argmax(-1)  # (B, T - 1)
+    model.train()
+    labels = batch.labels[:, 1:]
+    return ((predicted == labels) | (labels == IGNORE)).all(dim=1).float().mean().item()
 
 
 def train_readout(
@@ -123,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("teacher", "student"), default="teacher")
     ap.add_argument("--positions", choices=("clip", "sincos"), default=None)
-    ap.add_argument("--readouts", default=",".join(READOUTS))
+    ap.add_argument("--readouts", default=",".join(READOUTS), help=f"of {', '.join(READOUTS)}, {LLM}")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--lr", type=float, default=None, help="default: the model's train lr")
@@ -142,8 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(args.tokenizer)
     rows = []
     for kind in (k for k in args.readouts.split(",") if k):
-        rows += train_readout(kind, arch, tok, data, args.steps, args.every, lr, args.batch_size,
-                              args.freeze_tower)  # fmt: skip
+        if kind == LLM:
+            train = referring_examples(args.images[0], "locate", arch.image_size, grid)
+            held_out = referring_examples(args.images[1], "locate-heldout", arch.image_size, grid)
+            rows += train_llm(arch, tok, train, held_out, args.steps, args.every, lr, args.batch_size)
+        else:
+            rows += train_readout(kind, arch, tok, data, args.steps, args.every, lr, args.batch_size,
+                                  args.freeze_tower)  # fmt: skip
     settings = {"model": args.model, "arch": dataclasses.asdict(arch), "lr": lr, "steps": args.steps,
                 "batch_size": args.batch_size, "images": list(args.images),
                 "freeze_tower": args.freeze_tower}  # fmt: skip

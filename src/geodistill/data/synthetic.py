@@ -343,6 +343,12 @@ def one_object_scene(image_id: str, seed: int, image_size: int, grid: int) -> Sc
     return Scene(image_id, scene, (obj,), _png(img), image_size)
 
 
+def one_object_referring(scene: Scene, grid: int) -> Record:
+    """The referring record of a :func:`one_object_scene`: "the <category>" -> the object's box."""
+    o = scene.objects[0]
+    return _rec(scene, 0, "referring", [(f"[refer] <p>the {o.category}</p>", format_boxes([o.box(grid)]))])
+
+
 # ----------------------------------------------------------------------------------------------- records
 
 

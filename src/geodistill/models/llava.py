@@ -74,6 +74,7 @@ def llava_config(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,  # Vicuna/Llama keep lm_head separate
+        initializer_range=arch.init_std,
     )
     vision = CLIPVisionConfig(
         hidden_size=arch.vision_hidden_size,
