@@ -137,8 +137,8 @@ class LlavaArch:
     (a 2-D sine-cosine table as strong as a patch's content; models.llava.init_patch_positions).
     Ignored for checkpoints, which bring their own."""
     init_std: float = 0.02
-    """Std of a *built* language model's weight init (transformers' ``initializer_range``; Llama's 0.02).
-    Ignored for checkpoints. From scratch, grounding is learnt only with a larger init and a lower lr
+    """Std of the weight init of a *built* language model and projector (transformers'
+    ``initializer_range``; Llama's 0.02; the tower keeps CLIP's). Ignored for checkpoints. From scratch, grounding is learnt only with a larger init and a lower lr
     (docs/design.md, "The embedded experiment")."""
 
     @property
