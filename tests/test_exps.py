@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import yaml
@@ -132,6 +133,18 @@ def test_run_queue_reuses_done_requeues_failed_and_reports_failures(monkeypatch)
     monkeypatch.setattr(exps, "_dvc", fake)
     with pytest.raises(RuntimeError, match=r"bad1 \(log: bad1.out\).*re-run the same command"):
         exps.run_queue({"bad1": (), "ok": ()}, [], poll=0)
+
+
+def test_every_override_names_a_key_of_the_shipped_params_yaml():
+    """`dvc exp run -S key=value` refuses a key the file lacks (the sweep failed so on its first real run)."""
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    overrides = [o for v in exps.ABLATIONS for o in v.overrides]
+    overrides += [o for v in exps.grid_variants(exps.SWEEP_GRID) for o in v.overrides]
+    for key in (o.split("=", 1)[0] for o in overrides):
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{key} is not in params.yaml"
+            node = node[part]
 
 
 def test_ablations_cover_the_issue_rows():

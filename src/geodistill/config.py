@@ -138,8 +138,8 @@ class LlavaArch:
     Ignored for checkpoints, which bring their own."""
     init_std: float = 0.02
     """Std of the weight init of a *built* language model and projector (transformers'
-    ``initializer_range``; Llama's 0.02; the tower keeps CLIP's). Ignored for checkpoints. From scratch, grounding is learnt only with a larger init and a lower lr
-    (docs/design.md, "The embedded experiment")."""
+    ``initializer_range``; Llama's 0.02; the tower keeps CLIP's). Ignored for checkpoints. From scratch,
+    grounding is learnt only with a larger init and a lower lr (docs/design.md, "The embedded experiment")."""
 
     @property
     def num_image_tokens(self) -> int:
