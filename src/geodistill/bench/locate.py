@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,20 +112,10 @@ def train_llm(
     model = build_llava(arch, tok, seed=0)
     collator = Collator(tok, ImageTransform(arch.image_size), num_image_tokens(model), 256)
     held_out_batch = collator(held_out)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    order = np.random.default_rng(0)
-    rows = []
-    for step in range(1, steps + 1):
-        picked = order.choice(len(train), batch_size, replace=False)
-        loss = sft_step(model, collator([train[i] for i in picked]))
-        opt.zero_grad()
-        loss["loss"].backward()
-        opt.step()
-        if step % every == 0 or step == steps:
-            acc = box_accuracy(model, held_out_batch)
-            rows.append({"readout": LLM, "step": step, "train_loss": loss["ce"].item(), "val_acc": acc})
-            print(f"{LLM} step {step}: loss {loss['ce'].item():.3f}, held-out {100 * acc:.1f} %", flush=True)
-    return rows
+    return fit(
+        LLM, list(model.parameters()), lambda idx: sft_step(model, collator([train[i] for i in idx]))["loss"],
+        lambda: box_accuracy(model, held_out_batch), len(train), steps, every, lr, batch_size,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -147,17 +138,31 @@ def train_readout(
     n_cells = (arch.image_size // arch.patch_size) ** 2
     readout = Readout(kind, model.config.text_config.hidden_size, n_cells)
     params = list(readout.parameters()) + ([] if freeze_tower else list(model.parameters()))
+
+    def loss_of(idx: np.ndarray) -> torch.Tensor:
+        i = torch.from_numpy(idx)
+        return nn.functional.cross_entropy(readout(projector_features(model, x[i]), y[i]), y[i])
+
+    return fit(kind, params, loss_of, lambda: accuracy(model, readout, xv, yv), len(x), steps, every, lr,
+               batch_size)  # fmt: skip
+
+
+def fit(
+    kind: str, params: list[nn.Parameter], loss_of: Callable[[np.ndarray], torch.Tensor],
+    score: Callable[[], float], n_train: int, steps: int, every: int, lr: float, batch_size: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """AdamW at a constant ``lr`` on random batches of ``n_train`` items (seed 0): ``loss_of(indices)`` per
+    step, ``score()`` (held-out accuracy) every ``every`` steps and at the last; one row per score."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = np.random.default_rng(0)
     rows = []
     for step in range(1, steps + 1):
-        idx = torch.from_numpy(order.choice(len(x), size=batch_size, replace=False))
-        loss = nn.functional.cross_entropy(readout(projector_features(model, x[idx]), y[idx]), y[idx])
+        loss = loss_of(order.choice(n_train, size=batch_size, replace=False))
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % every == 0 or step == steps:
-            acc = accuracy(model, readout, xv, yv)
+            acc = score()
             rows.append({"readout": kind, "step": step, "train_loss": loss.item(), "val_acc": acc})
             print(f"{kind} step {step}: loss {loss.item():.3f}, held-out {100 * acc:.1f} %", flush=True)
     return rows
@@ -189,11 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     arch, train_cfg = fresh_model(args.model, args.params, args.positions)
     lr = args.lr if args.lr is not None else train_cfg.lr
     grid = arch.image_size // arch.patch_size
-    data = (*scenes(args.images[0], "locate", arch.image_size, grid),
-            *scenes(args.images[1], "locate-heldout", arch.image_size, grid))  # fmt: skip
+    kinds = [k for k in args.readouts.split(",") if k]
+    if any(k != LLM for k in kinds):  # the tower readouts' pixels; `llm` renders its own records
+        data = (*scenes(args.images[0], "locate", arch.image_size, grid),
+                *scenes(args.images[1], "locate-heldout", arch.image_size, grid))  # fmt: skip
     tok = load_tokenizer(args.tokenizer)
     rows = []
-    for kind in (k for k in args.readouts.split(",") if k):
+    for kind in kinds:
         if kind == LLM:
             train = referring_examples(args.images[0], "locate", arch.image_size, grid)
             held_out = referring_examples(args.images[1], "locate-heldout", arch.image_size, grid)
