@@ -128,8 +128,10 @@ def test_zero_shot_renderings_differ_from_training():
 
 
 def test_zero_shot_class_wording_differs_from_training():
-    """Scene sets name classes in their benchmark's style (AID: CamelCase, UCM: words run together), in a
-    class list no training prompt uses; each name is still a training wording once normalised."""
+    """Scene sets name classes in their benchmark's style (AID: words hyphenated, UCM: words run
+    together), in a class list no training prompt uses; each name is still a training wording once
+    normalised, and in lower case: the tokenizer is built from training text, where class names never
+    start with a capital, and a name it can only spell letter by letter is one no model can copy."""
     rng = np.random.default_rng(0)
     train_lists = set()
     train_answers = set()
@@ -143,6 +145,7 @@ def test_zero_shot_class_wording_differs_from_training():
         assert tuple(classes) not in train_lists
         assert not set(s.names.values()) <= train_answers  # written differently from every training answer
         assert {_class_key(n) for n in s.names.values()} <= wordings
+        assert all(c == c.lower() for c in classes)
     # In training the answer is the wording the prompt lists, and both wordings of a class occur.
     assert all(w in train_answers for names in synthetic.SCENE_NAMES.values() for w in names)
 

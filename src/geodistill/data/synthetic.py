@@ -21,9 +21,10 @@ to the nearest object; referring boxes must be read off the right patches.
 
 Renderings: training images are ``plain`` or ``low_res`` (half resolution, upsampled). The evaluation
 sets (:data:`EVAL_SETS`, named in each record's ``meta["set"]``) mirror the paper's benchmarks: scene
-``aid`` (a hazy, low-contrast rendering never seen in training, classes worded AID-style) and ``ucm``
-(a tinted, grainy rendering, UCMerced-style wording); VQA ``lr`` (low-resolution images, RSVQA-LR's
-question types) and ``hr`` (full resolution, HR-style types); ``geochat`` referring and region captions.
+``aid`` (a hazy, low-contrast rendering never seen in training, AID's class names lower-cased with
+their words hyphenated) and ``ucm`` (a tinted, grainy rendering, UCMerced-style words run together);
+VQA ``lr`` (low-resolution images, RSVQA-LR's question types) and ``hr`` (full resolution, HR-style
+types); ``geochat`` referring and region captions.
 """
 
 from __future__ import annotations
@@ -95,18 +96,20 @@ class SceneSet:
 
     rendering: str
     names: dict[str, str]
-    """Class -> the set's name for it: a training wording, written in the benchmark's style."""
+    """Class -> the set's name for it: a training wording, written in the benchmark's style. Only in
+    lower case: the embedded tokenizer and models never see a capitalised class name, so AID's own
+    "BareLand" comes out as unseen letters that no model can copy (every model scored 0 on it)."""
     distractors: tuple[str, ...]
 
 
 SCENE_SETS = {
     "aid": SceneSet(
         "hazy",
-        {"forest": "Forest", "farmland": "Farmland", "desert": "BareLand", "water": "Lake",
-         "residential": "DenseResidential", "industrial": "Industrial", "airport": "Airport",
-         "harbor": "Port"},
-        ("Beach", "Bridge", "Church", "Meadow", "Mountain", "Park", "River", "School", "Stadium",
-         "Viaduct"),
+        {"forest": "forest", "farmland": "farmland", "desert": "bare-land", "water": "lake",
+         "residential": "dense-residential", "industrial": "industrial", "airport": "airport",
+         "harbor": "port"},
+        ("beach", "bridge", "church", "meadow", "mountain", "park", "river", "school", "stadium",
+         "viaduct"),
     ),
     "ucm": SceneSet(
         "tinted",
