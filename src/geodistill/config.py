@@ -423,8 +423,9 @@ class DistillConfig:
     """Divergence on cached data: reverse (the paper's), or one of the alternatives in ``Divergence``."""
     kl_weight: float = 1.0
     """Weight of the KL term on cached teacher top-k."""
-    sft_weight: float = 0.0
-    """Weight of plain cross-entropy on ground truth (0 in the paper's recipe)."""
+    sft_weight: float = 1.0
+    """Weight of plain cross-entropy on ground truth: 0 in the paper's recipe, 1 by default because the
+    validation sweep (`python -m geodistill.exps sweep`) put it first."""
     align_weight: float = 1.0
     """Weight of L_align (projector-feature MSE)."""
     pt_weight: float = 0.1

@@ -55,17 +55,19 @@ class Variant:
 
 
 ABLATIONS = (
-    Variant("full", (), "the paper's method: cached reverse KL + on-policy terms + alignment + L_PT"),
+    Variant("full", (), "default: cached reverse KL + on-policy terms + alignment + L_PT + ground-truth CE"),
+    Variant("no_gt_ce", ("distill.sft_weight=0",), "the paper's objective: without the ground-truth CE"),
     Variant(
         "paper_unit_weights",
         (
+            "distill.sft_weight=0",
             "distill.pt_weight=1.0",
             "distill.align_weight=1.0",
             "distill.kl_weight=1.0",
             "distill.onpolicy.single_weight=1.0",
             "distill.onpolicy.long_weight=1.0",
         ),
-        "every term with weight 1, as in the paper's Table 1",
+        "every term of the paper with weight 1, as in its Table 1 (no ground-truth CE)",
     ),
     Variant(
         "no_onpolicy", ("distill.onpolicy.enabled=false",), "without the on-policy terms (cached KL only)"
