@@ -159,7 +159,34 @@ def test_ablations_cover_the_issue_rows():
         "k4",
         "k16",
         "k64",
+        "no_gt_ce",
     } <= names
+
+
+def _distill_with(overrides: Sequence[str]) -> dict:
+    """The shipped params.yaml's distill section after ``-S`` overrides (numbers as YAML reads them)."""
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    for o in overrides:
+        key, value = o.split("=", 1)
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
+    return params["distill"]
+
+
+def test_paper_variants_are_the_papers_objective():
+    """The default adds ground-truth CE; the paper's variants take it out, and paper_unit_weights weighs
+    every term of the paper's Table 1 with 1."""
+    variants = {v.name: v for v in exps.ABLATIONS}
+    assert _distill_with(variants["full"].overrides)["sft_weight"] > 0
+    assert _distill_with(variants["no_gt_ce"].overrides)["sft_weight"] == 0
+    d = _distill_with(variants["paper_unit_weights"].overrides)
+    assert d["sft_weight"] == 0 and d["kl"] == "reverse" and d["onpolicy"]["enabled"] is True
+    on = d["onpolicy"]
+    weights = (d["kl_weight"], d["align_weight"], d["pt_weight"], on["single_weight"], on["long_weight"])
+    assert weights == (1,) * 5
 
 
 FAKE_STAGE = """
