@@ -42,6 +42,26 @@ def test_sweep_table_ranks_by_mean_primary_metric():
     text, best = exps.sweep_table(results, vs)
     assert best == vs[1]
     assert text.splitlines()[2].startswith("| distill.pt_weight=1.0 | 90.0 | 70.0 | 20.0 | 50.0 | 57.5 |")
+    assert "KD − control" not in text  # the control was not re-run: its metrics are the committed run's
+
+
+def test_sweep_table_gives_kd_minus_control_when_the_grid_reran_it():
+    vs = exps.grid_variants({"distill.train.lr": ("0.0005", "0.001")})
+    results = {
+        vs[0].name: {
+            "student_kd": _headline(scene=0.6, vqa=0.6, referring=0.2, region_caption=0.6),
+            "student_control": _headline(scene=0.4, vqa=0.6, referring=0.2, region_caption=0.6),
+        },
+        vs[1].name: {
+            "student_kd": _headline(scene=0.7, vqa=0.6, referring=0.2, region_caption=0.6),
+            "student_control": _headline(scene=0.8, vqa=0.6, referring=0.2, region_caption=0.6),
+        },
+    }
+    text, best = exps.sweep_table(results, vs, with_control=True)
+    assert best == vs[1]  # ranked by KD's score; the gain column says the control gained more there
+    lines = text.splitlines()
+    assert lines[0].endswith("| mean (score) | KD − control |")
+    assert lines[2].endswith("| 52.5 | -2.5 |") and lines[3].endswith("| 50.0 | +5.0 |")
 
 
 def test_seeds_table_paired_differences_gap_and_goal():
@@ -253,6 +273,10 @@ def test_commands_end_to_end_with_dvc_queue(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "reports/experiments/sweep.json").read_text())["pt_weight1p0"][
         "student_kd"
     ]["vqa_mOA"] == pytest.approx(0.666)
+    # A grid over what the control shares re-runs the control on val too: kd 0.5 + 0.01 + 0.05 + 0.016 +
+    # 0.02 (seed 1) = 0.596, control 0.46 (its fake has no val shift) -> +13.6.
+    lr = exps.sweep(exps.grid_variants({"distill.train.seed": ("1",)}), poll=2).read_text()
+    assert lr.splitlines()[4].endswith("| 59.6 | +13.6 |")
 
     seeds = exps.seeds([0, 1], jobs=2, poll=2).read_text()
     # kd 0.526 / 0.546, control 0.45 / 0.46 -> kd - control +8.1 ± 0.7; gap 0.4 -> 34% closed

@@ -213,18 +213,38 @@ def _values(runs: Sequence[Metrics], model: str, key: str) -> list[float]:
     return [v for r in runs if isinstance(v := r.get(model, {}).get(key), float | int)]
 
 
-def sweep_table(results: Mapping[str, Metrics], variants: Sequence[Variant]) -> tuple[str, Variant | None]:
-    """Each grid point's primary metrics on val and their mean (the score); the best point first."""
+def _score(metrics: Mapping[str, float | None]) -> float | None:
+    """Mean of the tasks' primary metrics; None when one is missing."""
+    vals = [metrics.get(h.key) for h in PRIMARY]
+    nums = [x for x in vals if isinstance(x, float | int)]
+    return sum(nums) / len(nums) if len(nums) == len(vals) else None
+
+
+def sweep_table(
+    results: Mapping[str, Metrics], variants: Sequence[Variant], with_control: bool = False
+) -> tuple[str, Variant | None]:
+    """Each grid point's primary metrics on val and their mean (the score); the best point first.
+
+    ``with_control`` (the grid varies what the control shares, so each point re-ran it on val) adds KD's
+    score minus the control's: more steps or another lr lift both, so the score alone cannot say whether
+    distillation gained on SFT. Without it, an experiment's control metrics are the committed run's (test).
+    """
     scored = []
     for v in variants:
         kd = results[v.name].get("student_kd", {})
-        vals = [kd.get(h.key) for h in PRIMARY]
-        nums = [x for x in vals if isinstance(x, float | int)]
-        scored.append((sum(nums) / len(nums) if len(nums) == len(vals) else None, v, vals))
+        scored.append((_score(kd), v, [kd.get(h.key) for h in PRIMARY]))
     scored.sort(key=lambda t: -1.0 if t[0] is None else t[0], reverse=True)
-    rows = [[v.what, *(pct(x) for x in vals), pct(score)] for score, v, vals in scored]
+    rows = []
+    for score, v, vals in scored:
+        row = [v.what, *(pct(x) for x in vals), pct(score)]
+        if with_control:
+            control = _score(results[v.name].get("student_control", {}))
+            gain = None if score is None or control is None else 100 * (score - control)
+            row.append("–" if gain is None else f"{gain:+.1f}")
+        rows.append(row)
     best = scored[0][1] if scored and scored[0][0] is not None else None
-    return table(["settings (val split)", *(h.label for h in PRIMARY), "mean (score)"], rows), best
+    headers = ["settings (val split)", *(h.label for h in PRIMARY), "mean (score)"]
+    return table(headers + (["KD − control"] if with_control else []), rows), best
 
 
 def seeds_table(base: Metrics, runs: Sequence[Metrics]) -> tuple[str, str]:
@@ -302,11 +322,17 @@ def _write(name: str, markdown: str, data: Any) -> Path:
     return path
 
 
+CONTROL_READS = ("student.", "distill.train.")
+"""Params the equal-compute control shares with distillation (its stage's params in dvc.yaml)."""
+
+
 def sweep(variants: Sequence[Variant], jobs: int = 1, **kw: Any) -> Path:
     runs = {f"sweep-{v.name}": (*v.overrides, "eval.split=val") for v in variants}
-    got = run_queue(runs, ["evaluate@student_kd"], jobs, **kw)
+    with_control = any(o.startswith(CONTROL_READS) for v in variants for o in v.overrides)
+    targets = ["evaluate@student_kd", *(["evaluate@student_control"] if with_control else [])]
+    got = run_queue(runs, targets, jobs, **kw)
     results = {v.name: got[f"sweep-{v.name}"] for v in variants}
-    text, best = sweep_table(results, variants)
+    text, best = sweep_table(results, variants, with_control)
     pick = (
         "no grid point has all metrics"
         if best is None

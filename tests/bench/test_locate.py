@@ -51,6 +51,16 @@ def test_each_readout_gives_cell_logits(kind):
         Readout("max", 8, 16)
 
 
+def test_readout_init_depends_on_its_seed_only():
+    torch.manual_seed(1)
+    first = Readout("attention", 8, 16).state_dict()
+    torch.manual_seed(2)  # another global RNG state: same weights
+    second = Readout("attention", 8, 16).state_dict()
+    for k in first:
+        torch.testing.assert_close(first[k], second[k])
+    assert not torch.equal(Readout("attention", 8, 16, seed=1).query, first["query"])
+
+
 def test_command_trains_every_readout_and_scores_it(tmp_path: Path, tiny_arch, capsys):
     save_tokenizer(build_tokenizer(["a small red ship", "where is it?"], 300), tmp_path / "tok")
     arch = dataclasses.asdict(tiny_arch())

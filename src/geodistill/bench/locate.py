@@ -60,18 +60,23 @@ LLM = "llm"
 
 
 class Readout(nn.Module):
-    """(B, P, D) image tokens (+ the object's cell, used by ``own_token`` only) -> (B, grid^2) cell logits."""
+    """(B, P, D) image tokens (+ the object's cell, used by ``own_token`` only) -> (B, grid^2) cell logits.
 
-    def __init__(self, kind: str, dim: int, n_cells: int) -> None:
+    Initialised from ``seed`` alone (not the global RNG), so a readout's row is the same on every run.
+    """
+
+    def __init__(self, kind: str, dim: int, n_cells: int, seed: int = 0) -> None:
         super().__init__()
         if kind not in READOUTS:
             raise ValueError(f"unknown readout {kind!r}; expected one of {READOUTS}")
         self.kind = kind
-        self.head = nn.Linear(dim, 1 if kind == "patch" else n_cells)
-        if kind == "attention":
-            # a language model's scale at init (std 0.02): attention starts near uniform, as in the LLM
-            self.query = nn.Parameter(torch.randn(dim) * 0.02)
-            self.key = nn.Linear(dim, dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.head = nn.Linear(dim, 1 if kind == "patch" else n_cells)
+            if kind == "attention":
+                # a language model's scale at init (std 0.02): attention starts near uniform, as in the LLM
+                self.query = nn.Parameter(torch.randn(dim) * 0.02)
+                self.key = nn.Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         if self.kind == "patch":
