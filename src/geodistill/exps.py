@@ -2,7 +2,7 @@
 
     python -m geodistill.exps sweep      [--grid distill.onpolicy.mix_alpha=0.1,0.2 ...] [--jobs 1]
     python -m geodistill.exps seeds      [--seeds 0 1 2] [--jobs 1]
-    python -m geodistill.exps ablations  [--seeds 0] [--only no_align forward_kl ...] [--jobs 1]
+    python -m geodistill.exps ablations  [--seeds 0 1 2] [--only no_align forward_kl ...] [--jobs 1]
 
 Run them after a `dvc repro` whose dvc.lock is committed: every experiment is a `dvc exp run --queue` of
 the same pipeline on top of HEAD (teacher, its cache and the baseline are reused, never recomputed), the
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         "--grid", action="append", default=[], help="key=v1,v2 (replaces SWEEP_GRID)"
     )
     sub.choices["seeds"].add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    sub.choices["ablations"].add_argument("--seeds", type=int, nargs="+", default=[0])
+    sub.choices["ablations"].add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sub.choices["ablations"].add_argument("--only", nargs="+", choices=[v.name for v in ABLATIONS])
     args = ap.parse_args(argv)
     print(f"wrote {commands[args.command](args)}")
