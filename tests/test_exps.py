@@ -62,6 +62,10 @@ def test_sweep_table_gives_kd_minus_control_when_the_grid_reran_it():
     lines = text.splitlines()
     assert lines[0].endswith("| mean (score) | KD − control |")
     assert lines[2].endswith("| 52.5 | -2.5 |") and lines[3].endswith("| 50.0 | +5.0 |")
+    pick = exps.sweep_pick(results, vs, best, with_control=True)
+    assert pick.startswith("Best on val: distill.train.lr=0.001.")
+    assert "gains most on its control at distill.train.lr=0.0005 (+5.0)" in pick
+    assert "gains most" not in exps.sweep_pick(results, vs, best, with_control=False)
 
 
 def test_seeds_table_paired_differences_gap_and_goal():

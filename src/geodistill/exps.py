@@ -220,6 +220,12 @@ def _score(metrics: Mapping[str, float | None]) -> float | None:
     return sum(nums) / len(nums) if len(nums) == len(vals) else None
 
 
+def _gain(metrics: Metrics) -> float | None:
+    """KD's score minus the control's."""
+    kd, control = _score(metrics.get("student_kd", {})), _score(metrics.get("student_control", {}))
+    return None if kd is None or control is None else kd - control
+
+
 def sweep_table(
     results: Mapping[str, Metrics], variants: Sequence[Variant], with_control: bool = False
 ) -> tuple[str, Variant | None]:
@@ -238,9 +244,8 @@ def sweep_table(
     for score, v, vals in scored:
         row = [v.what, *(pct(x) for x in vals), pct(score)]
         if with_control:
-            control = _score(results[v.name].get("student_control", {}))
-            gain = None if score is None or control is None else 100 * (score - control)
-            row.append("–" if gain is None else f"{gain:+.1f}")
+            gain = _gain(results[v.name])
+            row.append("–" if gain is None else f"{100 * gain:+.1f}")
         rows.append(row)
     best = scored[0][1] if scored and scored[0][0] is not None else None
     headers = ["settings (val split)", *(h.label for h in PRIMARY), "mean (score)"]
@@ -322,6 +327,22 @@ def _write(name: str, markdown: str, data: Any) -> Path:
     return path
 
 
+def sweep_pick(
+    results: Mapping[str, Metrics], variants: Sequence[Variant], best: Variant | None, with_control: bool
+) -> str:
+    """The sweep's verdict: its best point, and the point where KD gains most on the control if another."""
+    if best is None:
+        return "no grid point has all metrics"
+    pick = f"Best on val: {best.what}. Make it the default (params.yaml, `distill`) before `dvc repro`."
+    gains = {v: g for v in variants if (g := _gain(results[v.name])) is not None}
+    if with_control and gains and (top := max(gains, key=lambda v: gains[v])) != best:
+        pick += (
+            f" Distillation gains most on its control at {top.what} ({100 * gains[top]:+.1f}): where the"
+            " points differ in compute (steps, lr), the control gains too, so weigh both columns."
+        )
+    return pick
+
+
 CONTROL_READS = ("student.", "distill.train.")
 """Params the equal-compute control shares with distillation (its stage's params in dvc.yaml)."""
 
@@ -333,11 +354,7 @@ def sweep(variants: Sequence[Variant], jobs: int = 1, **kw: Any) -> Path:
     got = run_queue(runs, targets, jobs, **kw)
     results = {v.name: got[f"sweep-{v.name}"] for v in variants}
     text, best = sweep_table(results, variants, with_control)
-    pick = (
-        "no grid point has all metrics"
-        if best is None
-        else (f"Best on val: {best.what}. Make it the default (params.yaml, `distill`) before `dvc repro`.")
-    )
+    pick = sweep_pick(results, variants, best, with_control)
     return _write("sweep", f"# Validation sweep (distill settings, val split)\n\n{text}\n\n{pick}", results)
 
 

@@ -3,7 +3,7 @@
     L = kl_weight * KL_kind(q || p) on cached top-k      (eq. 6-7, single-step, ground-truth prefixes)
       + align_weight * L_align(projector features)       (eq. 4)
       + pt_weight * L_PT(pretraining corpus)             (eq. 10)
-      + sft_weight * CE(ground truth)                    (optional; 0 in the paper's recipe)
+      + sft_weight * CE(ground truth)                    (not in the paper; 1 by default: the val sweep)
       + every N steps: MiniLLM's on-policy terms on student samples, scored by the live teacher (eq. 8-9)
 
 Only the on-policy terms need the teacher model; everything else reads the cache.
