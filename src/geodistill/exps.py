@@ -10,7 +10,8 @@ queue is run with `dvc queue start` and each command then reads its experiments'
 `dvc exp show --json` and writes ``reports/experiments/<command>.{md,json}``.
 
 - ``sweep`` varies distillation settings on the **validation** split (``eval.split=val``; only distill and
-  its evaluation run) and ranks them by the mean of each task's primary metric. Test is never looked at.
+  its evaluation run, plus the control's when the grid changes what it shares: ``distill.train``,
+  ``student``) and ranks them by the mean of each task's primary metric. Test is never looked at.
 - ``seeds`` re-runs the control and the distilled student with each ``distill.train.seed`` (same
   initialisation, the seed's batch order for both) and reports, per task, KD - control and KD - baseline
   with the spread over seeds, and the share of the teacher-baseline gap that KD closes.

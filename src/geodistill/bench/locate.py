@@ -62,7 +62,7 @@ LLM = "llm"
 class Readout(nn.Module):
     """(B, P, D) image tokens (+ the object's cell, used by ``own_token`` only) -> (B, grid^2) cell logits.
 
-    Initialised from ``seed`` alone (not the global RNG), so a readout's row is the same on every run.
+    Initialised from ``seed`` alone (not the global RNG), so a readout scores the same on every run.
     """
 
     def __init__(self, kind: str, dim: int, n_cells: int, seed: int = 0) -> None:
