@@ -171,6 +171,12 @@ def test_every_override_names_a_key_of_the_shipped_params_yaml():
             node = node[part]
 
 
+def test_control_reads_are_the_control_stages_params_in_dvc_yaml():
+    """The sweep re-runs the control for a grid over these keys: they must be what its stage reads."""
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    assert sorted(exps.CONTROL_READS) == sorted(f"{p}." for p in stages["student_control"]["params"])
+
+
 def test_ablations_cover_the_issue_rows():
     names = {v.name for v in exps.ABLATIONS}
     assert {

@@ -335,8 +335,10 @@ def sweep_pick(
     if best is None:
         return "no grid point has all metrics"
     pick = f"Best on val: {best.what}. Make it the default (params.yaml, `distill`) before `dvc repro`."
+    if not with_control:  # the experiments' control metrics are the committed run's: no gain to name
+        return pick
     gains = {v: g for v in variants if (g := _gain(results[v.name])) is not None}
-    if with_control and gains and (top := max(gains, key=lambda v: gains[v])) != best:
+    if gains and (top := max(gains, key=lambda v: gains[v])) != best:
         pick += (
             f" Distillation gains most on its control at {top.what} ({100 * gains[top]:+.1f}): where the"
             " points differ in compute (steps, lr), the control gains too, so weigh both columns."
@@ -345,7 +347,8 @@ def sweep_pick(
 
 
 CONTROL_READS = ("student.", "distill.train.")
-"""Params the equal-compute control shares with distillation (its stage's params in dvc.yaml)."""
+"""Params the equal-compute control shares with distillation: its stage's params in dvc.yaml, as prefixes
+(a test keeps the two equal)."""
 
 
 def sweep(variants: Sequence[Variant], jobs: int = 1, **kw: Any) -> Path:
