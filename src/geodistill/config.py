@@ -220,6 +220,11 @@ class TrainConfig:
     precision: Precision = "fp32"
     """Compute precision: fp32, or bf16/fp16 autocast over float32 master weights and optimizer state
     (DeepSpeed's bf16/fp16 mode under DeepSpeed). fp16 needs a CUDA GPU (dynamic loss scaling)."""
+    length_group: int = 0
+    """Batches per length-sorted group of the data stream (0: off): records are sorted by length within
+    groups of this many batches, whose order is then shuffled, so a batch pads to similar lengths. The
+    embedded default uses 8: 0.87 of the padded tokens are real instead of 0.61, the same data in each
+    epoch, about 30 % less compute per step."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward instead of keeping them: the language model's decoder layers,
     and the vision tower's when it trains (python -m geodistill.bench.memory measures the saving)."""
@@ -232,8 +237,8 @@ class TrainConfig:
         ]
         if self.lr <= 0:
             out.append("lr must be > 0")
-        if self.warmup < 0 or self.checkpoint_every < 0 or self.max_nonfinite < 0:
-            out.append("warmup, checkpoint_every and max_nonfinite must be >= 0")
+        if min(self.warmup, self.checkpoint_every, self.max_nonfinite, self.length_group) < 0:
+            out.append("warmup, checkpoint_every, max_nonfinite and length_group must be >= 0")
         return out
 
 
@@ -288,7 +293,7 @@ class TeacherConfig:
     """Architecture when training here."""
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=1000, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100
+            TrainConfig, steps=1000, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100, length_group=8
         )
     )
     """SFT settings when training here (the longest stage: resumable every 100 steps)."""
@@ -357,7 +362,7 @@ class StudentConfig:
 class SftConfig:
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=300, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100
+            TrainConfig, steps=300, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100, length_group=8
         )
     )
     """SFT of the baseline student on ground truth."""
@@ -442,7 +447,7 @@ class DistillConfig:
     """DeepSpeed ZeRO."""
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=150, lr=5e-4, warmup=10, log_every=10, checkpoint_every=50
+            TrainConfig, steps=150, lr=5e-4, warmup=10, log_every=10, checkpoint_every=50, length_group=8
         )
     )
     """Loop settings (the equal-compute control uses the same steps and batch size)."""

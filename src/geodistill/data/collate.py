@@ -48,6 +48,12 @@ def iter_examples(
             yield Example(rec, sample.image_bytes, sample.key, i)
 
 
+def text_length(ex: Example) -> int:
+    """Characters of a record's conversation: the length key of ``length_group`` batching. Tokenizer-free,
+    so every model (teacher, baseline, control, distilled student) groups the same records together."""
+    return sum(len(turn.value) for turn in ex.record.conversations)
+
+
 def shuffled_batches(
     shard_dir: Path,
     batch_size: int,
@@ -56,11 +62,34 @@ def shuffled_batches(
     rank: int = 0,
     world_size: int = 1,
     buffer: int = 4096,
+    length_group: int = 0,
 ) -> Iterator[list[Example]]:
-    """Endless batches: epoch e is shuffled with a buffer seeded by (seed, rank, e). Deterministic."""
+    """Endless batches: epoch e is shuffled with a buffer seeded by (seed, rank, e). Deterministic.
+
+    ``length_group`` > 0 takes that many batches' worth of the shuffled stream at a time, sorts it by
+    :func:`text_length`, cuts it into batches and yields those in a seeded random order: a batch then
+    pads to records of similar length (on the embedded data 0.61 of a padded batch's tokens are real
+    without it, 0.87 with 8), and every record still comes once per epoch.
+    """
+    examples = _shuffled_examples(shard_dir, seed, rank, world_size, buffer)
+    if length_group <= 0:
+        while True:
+            yield [next(examples) for _ in range(batch_size)]
+    rng = random.Random(f"{seed}-{rank}-length-groups")
+    while True:
+        group = sorted((next(examples) for _ in range(batch_size * length_group)), key=text_length)
+        batches = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def _shuffled_examples(
+    shard_dir: Path, seed: int, rank: int, world_size: int, buffer: int
+) -> Iterator[Example]:
+    """This rank's records, epoch after epoch, each epoch shuffled with a buffer seeded by (seed, rank,
+    epoch). Batching cuts this stream, so a partial last batch of an epoch carries over into the next."""
     epoch = 0
     verify = True
-    batch: list[Example] = []  # a partial last batch carries over into the next epoch, never dropped
     while True:
         rng = random.Random(f"{seed}-{rank}-{epoch}")
         pool: list[Example] = []
@@ -69,18 +98,11 @@ def shuffled_batches(
             n += 1
             pool.append(ex)
             if len(pool) >= buffer:
-                batch.append(pool.pop(rng.randrange(len(pool))))
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
+                yield pool.pop(rng.randrange(len(pool)))
         if n == 0:
             raise ValueError(f"{shard_dir}: rank {rank} of {world_size} has no records")
         rng.shuffle(pool)
-        for ex in pool:
-            batch.append(ex)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+        yield from pool
         verify = False  # checked once; later epochs re-read the same verified files
         epoch += 1
 

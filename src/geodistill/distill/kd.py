@@ -282,7 +282,12 @@ def run_distill(
     key = run_key("student_kd", cfg, cache_cfg, student_cfg, expected, model_fingerprint(base_dir))
     log = RunLog(paths.log_dir)
     batches = shuffled_batches(
-        shards / "train", train.batch_size, train.seed, rank=d.rank, world_size=d.world_size
+        shards / "train",
+        train.batch_size,
+        train.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        length_group=train.length_group,
     )
     result = run_loop(
         kd,

@@ -186,7 +186,12 @@ def sft_stage(
     collator = Collator(tok, transform, num_image_tokens(unwrap(model).config), cfg.max_len)
     torch.manual_seed(cfg.seed)
     batches = shuffled_batches(
-        shards / "train", cfg.batch_size, cfg.seed, rank=d.rank, world_size=d.world_size
+        shards / "train",
+        cfg.batch_size,
+        cfg.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        length_group=cfg.length_group,
     )
     log = RunLog(paths.log_dir)
     result = run_loop(
