@@ -64,6 +64,8 @@ def test_types_are_checked_and_ints_widen_to_float():
         config.from_dict(config.DistillConfig, {"onpolicy": {"enabled": "yes"}}, "distill")
     with pytest.raises(ConfigError, match=r"distill\.kl: must be one of \['reverse', .*got 'backward'"):
         config.from_dict(config.DistillConfig, {"kl": "backward"}, "distill")
+    with pytest.raises(ConfigError, match="length_group must be >= 0"):
+        config.from_dict(config.DistillConfig, {"train": {"length_group": -1}}, "distill")
     with pytest.raises(ConfigError, match=r"cache\.encoding: must be one of \['float32', .*got 'int4'"):
         config.from_dict(config.CacheConfig, {"encoding": "int4"}, "cache")
 

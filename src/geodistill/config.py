@@ -223,8 +223,9 @@ class TrainConfig:
     length_group: int = 0
     """Batches per length-sorted group of the data stream (0: off): records are sorted by length within
     groups of this many batches, whose order is then shuffled, so a batch pads to similar lengths. The
-    embedded default uses 8: 0.87 of the padded tokens are real instead of 0.61, the same data in each
-    epoch, about 30 % less compute per step."""
+    embedded teacher uses 8 (0.87 of the padded tokens real instead of 0.61, a third less time per step);
+    the students' short runs use 0: their batches of one length are often of one task, and learn less
+    per step (docs/design.md, "Scale")."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward instead of keeping them: the language model's decoder layers,
     and the vision tower's when it trains (python -m geodistill.bench.memory measures the saving)."""
@@ -362,7 +363,7 @@ class StudentConfig:
 class SftConfig:
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=300, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100, length_group=8
+            TrainConfig, steps=300, lr=5e-4, warmup=30, log_every=25, checkpoint_every=100
         )
     )
     """SFT of the baseline student on ground truth."""
@@ -447,7 +448,7 @@ class DistillConfig:
     """DeepSpeed ZeRO."""
     train: TrainConfig = field(
         default_factory=functools.partial(
-            TrainConfig, steps=150, lr=5e-4, warmup=10, log_every=10, checkpoint_every=50, length_group=8
+            TrainConfig, steps=150, lr=5e-4, warmup=10, log_every=10, checkpoint_every=50
         )
     )
     """Loop settings (the equal-compute control uses the same steps and batch size)."""

@@ -42,7 +42,7 @@ from geodistill.config import (
     StudentConfig,
     TrainConfig,
 )
-from geodistill.data.collate import shuffled_batches
+from geodistill.data.collate import iter_examples, shuffled_batches, text_length
 from geodistill.data.shards import load_manifest
 from geodistill.distill import kd, sft
 from geodistill.distill.kd import gather_targets, run_distill
@@ -257,9 +257,32 @@ def test_shuffled_batches_split_records_across_ranks(workspace):
     assert len(full) == n_records
 
 
+def test_length_groups_reorder_the_stream_within_groups_and_cut_padding(workspace):
+    train = workspace.shards / "train"
+    by_key = {record_key(ex.sample_key, ex.index): text_length(ex) for ex in iter_examples(train)}
+    b, g, n_groups = 4, 3, 12  # 144 records: more than an epoch (88), so groups straddle epochs
+    plain = take(shuffled_batches(train, b, seed=2), g * n_groups)
+    grouped = take(shuffled_batches(train, b, seed=2, length_group=g), g * n_groups)
+    assert grouped == take(shuffled_batches(train, b, seed=2, length_group=g), g * n_groups)
+    for i in range(n_groups):  # each group holds exactly the records of the same stretch of the stream
+        same_stretch = plain[i * g : (i + 1) * g]
+        group = grouped[i * g : (i + 1) * g]
+        assert sorted(k for bt in group for k in bt) == sorted(k for bt in same_stretch for k in bt)
+        spans = sorted((min(by_key[k] for k in bt), max(by_key[k] for k in bt)) for bt in group)
+        assert all(hi <= lo for (_, hi), (lo, _) in itertools.pairwise(spans))  # sorted cuts
+
+    def padding(batches: list[list[str]]) -> int:
+        return sum(max(by_key[k] for k in bt) * len(bt) - sum(by_key[k] for k in bt) for bt in batches)
+
+    assert padding(grouped) < 0.7 * padding(plain)
+    firsts = [max(by_key[k] for k in bt) for bt in grouped[::g]]
+    seconds = [max(by_key[k] for k in bt) for bt in grouped[1::g]]
+    assert any(a > b for a, b in zip(firsts, seconds, strict=True))  # shuffled, not shortest first
+
+
 def test_control_and_distill_see_the_same_batches(workspace, tmp_path, monkeypatch):
     """stages/student_control.py (sft_stage with distill.train) and run_distill: one batch order."""
-    train = TrainConfig(steps=14, batch_size=8, seed=5, max_len=512)
+    train = TrainConfig(steps=14, batch_size=8, seed=5, max_len=512, length_group=3)
     seen: dict[str, list[list[str]]] = {}
 
     def recording_loop(name: str):
