@@ -223,9 +223,8 @@ class TrainConfig:
     length_group: int = 0
     """Batches per length-sorted group of the data stream (0: off): records are sorted by length within
     groups of this many batches, whose order is then shuffled, so a batch pads to similar lengths. The
-    embedded teacher uses 8 (0.87 of the padded tokens real instead of 0.61, a third less time per step);
-    the students' short runs use 0: their batches of one length are often of one task, and learn less
-    per step (docs/design.md, "Scale")."""
+    embedded teacher uses 8, the students' short runs 0: batches of one length are often of one task
+    (docs/design.md, "Scale", has what it saves and costs)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward instead of keeping them: the language model's decoder layers,
     and the vision tower's when it trains (python -m geodistill.bench.memory measures the saving)."""

@@ -68,8 +68,8 @@ def shuffled_batches(
 
     ``length_group`` > 0 takes that many batches' worth of the shuffled stream at a time, sorts it by
     :func:`text_length`, cuts it into batches and yields those in a seeded random order: a batch then
-    pads to records of similar length (on the embedded data 0.61 of a padded batch's tokens are real
-    without it, 0.87 with 8), and every record still comes once per epoch.
+    pads to records of similar length, and every record still comes once per epoch (docs/design.md,
+    "Scale", has what it saves and costs).
     """
     examples = _shuffled_examples(shard_dir, seed, rank, world_size, buffer)
     if length_group <= 0:
