@@ -23,13 +23,13 @@ from torch import nn
 from geodistill.cache.fingerprint import cache_fingerprint
 from geodistill.cache.store import CacheReader, record_key
 from geodistill.config import CacheConfig, DistillConfig, Precision, StudentConfig
-from geodistill.data.collate import IGNORE, Batch, Example, collate_text, left_pad, shuffled_batches
+from geodistill.data.collate import IGNORE, Batch, Example, collate_text, left_pad
 from geodistill.data.prepare import read_pretrain
 from geodistill.data.shards import load_manifest
 from geodistill.data.template import encode_conversation
 from geodistill.distill.losses import distill_kl, feature_align_loss, lm_loss, make_adapter
 from geodistill.distill.onpolicy import mixed_sample, onpolicy_losses
-from geodistill.distill.sft import Collator, RunPaths, finish_run, prepare_trainable, run_key
+from geodistill.distill.sft import Collator, RunPaths, finish_run, prepare_trainable, run_key, train_batches
 from geodistill.distill.train import RunLog, run_loop
 from geodistill.distributed import Dist
 from geodistill.errors import CacheError, ConfigError, ModelError
@@ -281,17 +281,9 @@ def run_distill(
     step = DistillStep(kd, reader, collator, cfg, cache_cfg.pooling, pt_texts, teacher, generator, d.rank)
     key = run_key("student_kd", cfg, cache_cfg, student_cfg, expected, model_fingerprint(base_dir))
     log = RunLog(paths.log_dir)
-    batches = shuffled_batches(
-        shards / "train",
-        train.batch_size,
-        train.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-        length_group=train.length_group,
-    )
     result = run_loop(
         kd,
-        batches,
+        train_batches(shards, train, d),
         step,
         train,
         paths.checkpoints,

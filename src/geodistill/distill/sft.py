@@ -98,6 +98,19 @@ def heldout_loss(model: nn.Module, batches: Iterator[Batch], max_batches: int) -
     return {"loss": total_ce / max(1, total_n), "token_acc": total_ok / max(1, total_n), "tokens": total_n}
 
 
+def train_batches(shards: Path, cfg: TrainConfig, d: Dist) -> Iterator[list[Example]]:
+    """This rank's endless batch stream of ``shards/train`` for a loop's settings. The equal-compute control
+    and distillation both take theirs from here with ``distill.train``, so they see one batch order."""
+    return shuffled_batches(
+        shards / "train",
+        cfg.batch_size,
+        cfg.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        length_group=cfg.length_group,
+    )
+
+
 def val_batches(shard_dir: Path, collator: Collator, batch_size: int) -> Iterator[Batch]:
     """One deterministic pass over a (validation) shard folder."""
     chunk: list[Example] = []
@@ -185,18 +198,10 @@ def sft_stage(
     d = Dist.from_env()
     collator = Collator(tok, transform, num_image_tokens(unwrap(model).config), cfg.max_len)
     torch.manual_seed(cfg.seed)
-    batches = shuffled_batches(
-        shards / "train",
-        cfg.batch_size,
-        cfg.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-        length_group=cfg.length_group,
-    )
     log = RunLog(paths.log_dir)
     result = run_loop(
         model,
-        batches,
+        train_batches(shards, cfg, d),
         lambda examples, _step: sft_step(model, collator(examples)),
         cfg,
         paths.checkpoints,
